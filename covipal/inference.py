@@ -1,0 +1,83 @@
+"""Pruned generation for a list of samples: the function the eval entry point and the Python API share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from covipal.data.sample import Sample
+from covipal.models.loading import LoadedModel
+from covipal.pruning.context import Pruner
+from covipal.pruning.session import PruningSession
+
+
+@dataclass
+class Answer:
+    text: str
+    n_visual: int
+    layer_visual_tokens: list[int]
+    reserve_ratio: float
+    prefill_seconds: float
+
+
+def build_prompt(processor, sample: Sample) -> str:
+    content = [{"type": "image"}] * len(sample.images)
+    if sample.video is not None:
+        content.append({"type": "video"})
+    content.append({"type": "text", "text": sample.question})
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def encode(processor, samples: list[Sample], device: torch.device, dtype: torch.dtype):
+    """Processor outputs for a batch of samples of one kind, left-padded, on `device`."""
+    kwargs = {"text": [build_prompt(processor, s) for s in samples], "return_tensors": "pt", "padding": True}
+    if any(s.images for s in samples):
+        kwargs["images"] = [s.images for s in samples]
+    if any(s.video is not None for s in samples):
+        kwargs["videos"] = [s.video for s in samples]
+    batch = processor(**kwargs)
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+
+
+def generate_answers(
+    loaded: LoadedModel,
+    pruner: Pruner,
+    samples: list[Sample],
+    max_new_tokens: int = 16,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[Answer]:
+    """Greedy answers with `pruner` installed; batches group samples of the same kind (image, video, text)."""
+    model, processor = loaded.model, loaded.processor
+    dtype = next(model.parameters()).dtype
+    order = sorted(range(len(samples)), key=lambda i: samples[i].kind)
+    batches, current = [], []
+    for index in order:
+        if current and (len(current) == batch_size or samples[current[0]].kind != samples[index].kind):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    answers: dict[int, Answer] = {}
+    with PruningSession(model, pruner) as session, torch.no_grad():
+        for indices in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+            inputs = encode(processor, [samples[i] for i in indices], loaded.device, dtype)
+            start = time.perf_counter()
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - start
+            texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            record = session.record
+            layers = record.layer_visual_tokens
+            for row, index in enumerate(indices):
+                answers[index] = Answer(
+                    text=texts[row].strip(),
+                    n_visual=int(record.n_visual[row]),
+                    layer_visual_tokens=layers[:, row].tolist(),
+                    reserve_ratio=float(record.reserve_ratio[row]),
+                    prefill_seconds=seconds / len(indices),
+                )
+    return [answers[i] for i in range(len(samples))]

@@ -1,0 +1,181 @@
+"""Loading a LLaVA-OneVision-architecture model and its processor: the tiny one and the paper's checkpoints go
+through the same `from_pretrained` path; only where the weights come from differs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import constants, snapshot_download
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers.utils import is_flash_attn_2_available
+
+from covipal.errors import CovipalError
+from covipal.models.tiny import TinySpec, build_tiny
+
+ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
+
+
+@dataclass
+class LoadedModel:
+    """A model with the processor that feeds it."""
+
+    model: LlavaOnevisionForConditionalGeneration
+    processor: object
+    name: str
+    ppm: dict | None = None  # the PPM architecture suited to this model (used when a PPM is built from scratch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CovipalError(f"model.device={device} but no CUDA device is visible; use model.device=cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise CovipalError(f"model.dtype={dtype} is not one of auto, float32, bfloat16, float16") from None
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """`auto` picks FlashAttention-2 when it is installed and a GPU is in use, otherwise SDPA."""
+    if name not in ATTENTION_CHOICES:
+        raise CovipalError(f"model.attn_implementation={name} is not one of {', '.join(ATTENTION_CHOICES)}")
+    flash = is_flash_attn_2_available() and device.type == "cuda"
+    if name == "auto":
+        return "flash_attention_2" if flash else "sdpa"
+    if name == "flash_attention_2" and not flash:
+        raise CovipalError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and flash-attn "
+            "(pip install 'covipal[flash]'); use model.attn_implementation=sdpa"
+        )
+    return name
+
+
+def check_processor_matches(model, processor, name: str) -> None:
+    """Fail early when the processor would produce a number or kind of placeholder the model does not expect."""
+    config = model.config
+    vision = config.vision_config
+    expected_tokens = (vision.image_size // vision.patch_size) ** 2
+    problems = []
+    if processor.image_token_id != config.image_token_id:
+        problems.append(f"image token id {processor.image_token_id} != model's {config.image_token_id}")
+    if processor.video_token_id != config.video_token_id:
+        problems.append(f"video token id {processor.video_token_id} != model's {config.video_token_id}")
+    if processor.num_image_tokens != expected_tokens:
+        problems.append(f"{processor.num_image_tokens} tokens per crop != model's {expected_tokens}")
+    if len(processor.tokenizer) > config.text_config.vocab_size:
+        problems.append(f"tokenizer size {len(processor.tokenizer)} > model vocabulary {config.text_config.vocab_size}")
+    if problems:
+        raise CovipalError(
+            f"processor does not match model {name}: {'; '.join(problems)}; load both from the same checkpoint"
+        )
+
+
+def _stored_locally(name_or_path: str) -> bool:
+    """A local directory, or a hub id whose files are already in the Hugging Face cache."""
+    if Path(name_or_path).is_dir():
+        return True
+    try:
+        snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # not cached, or not a valid id
+        return False
+    return True
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of minutes of download retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_pretrained(
+    name_or_path: str,
+    attn_implementation: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    processor_path: str | None = None,
+    name: str | None = None,
+    ppm: dict | None = None,
+) -> LoadedModel:
+    """Load model and processor with `from_pretrained`, from a hub id or a local directory."""
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    attention = resolve_attention(attn_implementation, target)
+    missing = CovipalError(
+        f"cannot load model '{name_or_path}': no local copy and the hub is unreachable; download it where "
+        f"there is network (`hf download {name_or_path}`) and pass model.name_or_path=/path/to/local/copy"
+    )
+    if not _stored_locally(str(name_or_path)) and not _hub_reachable():
+        raise missing
+    try:
+        processor = AutoProcessor.from_pretrained(processor_path or name_or_path)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=torch_dtype, attn_implementation=attention
+        )
+    except OSError:
+        raise missing from None
+    check_processor_matches(model, processor, name_or_path)
+    model.to(target).eval()
+    return LoadedModel(model, processor, name or Path(str(name_or_path)).name, dict(ppm) if ppm else None)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COVIPAL_CACHE", Path.home() / ".cache" / "covipal"))
+
+
+def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
+    """The cached checkpoint directory for `spec`, built (atomically) when absent."""
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()) / f"tiny-{key}"
+    if (directory / "config.json").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        build_tiny(spec, staging)
+        try:
+            staging.rename(directory)
+        except OSError:  # another process finished first
+            if not (directory / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_tiny(
+    spec: dict | None = None,
+    cache_dir: str | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: str = "float32",
+    device: str = "cpu",
+    ppm: dict | None = None,
+) -> LoadedModel:
+    """The tiny default model: cached checkpoint for `spec`, loaded like any real checkpoint."""
+    directory = tiny_checkpoint(TinySpec(**(spec or {})), cache_dir)
+    return load_pretrained(str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm)

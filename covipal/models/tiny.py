@@ -1,0 +1,127 @@
+"""The tiny LLaVA-OneVision: transformers' own classes at toy sizes, built from a config with no download.
+
+`build_tiny` writes a complete transformers checkpoint (weights, config, tokenizer, image and video processors,
+chat template) into a directory, which is then loaded with `from_pretrained` exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from covipal.models.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, build_word_tokenizer
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny model. `image_size`/`patch_size` set tokens per crop ((image_size/patch_size)²)."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    grid_pinpoints: list[list[int]] = field(
+        default_factory=lambda: [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96]]
+    )
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 12
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vision_aspect_ratio: str = "anyres_max_9"
+    initializer_range: float = 0.02
+    words: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def tiny_model_config(spec: TinySpec, vocab_size: int, image_token_id: int, video_token_id: int):
+    vision = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,
+    )
+    vision.initializer_range = spec.initializer_range
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        initializer_range=spec.initializer_range,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        video_token_index=video_token_id,
+        image_grid_pinpoints=spec.grid_pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=spec.vision_aspect_ratio,
+        tie_word_embeddings=True,
+        initializer_range=spec.initializer_range,
+    )
+
+
+def tiny_processor(spec: TinySpec) -> LlavaOnevisionProcessor:
+    tokenizer = build_word_tokenizer(spec.words)
+    size = {"height": spec.image_size, "width": spec.image_size}
+    image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=spec.grid_pinpoints)
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=(spec.image_size // spec.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=tokenizer.chat_template,
+        vision_aspect_ratio=spec.vision_aspect_ratio,
+    )
+
+
+def build_tiny(spec: TinySpec, directory: str | Path) -> Path:
+    """Build a seeded tiny model and its processor and save both as one transformers checkpoint."""
+    directory = Path(directory)
+    processor = tiny_processor(spec)
+    tok = processor.tokenizer
+    config = tiny_model_config(
+        spec, len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(VIDEO_TOKEN)
+    )
+    config.text_config.pad_token_id = tok.pad_token_id
+    config.text_config.eos_token_id = tok.eos_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    (directory / "tiny_spec.json").write_text(_spec_json(spec))
+    return directory
+
+
+def _spec_json(spec: TinySpec) -> str:
+    import json
+
+    return json.dumps(asdict(spec), indent=1, sort_keys=True)

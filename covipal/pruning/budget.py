@@ -1,0 +1,36 @@
+"""Budgets: how many visual tokens a sample keeps, and the top-k selection every score-based pruner shares."""
+
+from __future__ import annotations
+
+import torch
+
+from covipal.errors import CovipalError
+
+
+def check_ratio(ratio: float, name: str = "pruner.reserve_ratio") -> float:
+    """Validate a keep ratio in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise CovipalError(
+            f"{name}={ratio!r} is outside (0, 1]; pass a fraction of visual tokens to keep, e.g. {name}=0.25"
+        )
+    return float(ratio)
+
+
+def visual_budget(n_visual: torch.Tensor, ratio: float) -> torch.Tensor:
+    """floor(ratio · n_v) per sample, at least 1 for samples that have visual tokens (0 for those that have none).
+
+    A tiny epsilon guards the floor against binary fractions (0.29 · 100 = 28.999…)."""
+    budget = torch.floor(n_visual.double() * ratio + 1e-9).long()
+    return torch.where(n_visual > 0, budget.clamp(min=1), torch.zeros_like(budget))
+
+
+def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep mask [B, T]: every non-visual token plus the `budget[b]` highest-scoring visual tokens of row b.
+
+    Ties break towards the earlier position, so selection is deterministic."""
+    masked = scores.float().masked_fill(~visual, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return ~visual | (rank < budget[:, None])

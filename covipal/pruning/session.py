@@ -1,0 +1,302 @@
+"""Install a pruner on one model instance through forward pre-hooks, and take them off again.
+
+How a pruned forward works (prefill):
+  1. a pre-hook on the multimodal model reads `input_ids` to know which positions are visual;
+  2. a pre-hook on the language model asks the pruner for a keep mask if it prunes before layer 0, and passes
+     the LLM only the kept embeddings, with the kept tokens' original position ids and an explicit 2D mask;
+  3. pre-hooks on decoder layers do the same at the layers where the pruner drops tokens inside the LLM
+     (gathering hidden states and rotary embeddings, and rebuilding that layer's attention mask with the model's
+     own mask function, so every attention backend gets the mask form it expects).
+Rows that keep different numbers of tokens are left-padded. During decoding the cache holds only kept tokens:
+the hooks splice the kept prefix into `attention_mask` and give new tokens the positions that follow the
+*original* sequence length. Nothing is assigned to any class; `__exit__` restores the instance bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from covipal.errors import CovipalError
+from covipal.pruning.context import LayerContext, Pruner
+from covipal.pruning.sequence import Compaction
+
+_MARK = "_covipal_pruning_session"
+
+
+@dataclass
+class Stage:
+    """The token set in force from decoder layer `layer` on."""
+
+    layer: int
+    compaction: Compaction | None  # from the original sequence; None = nothing dropped yet
+    mask2d: torch.Tensor  # [B, L] bool, valid non-padding tokens
+    visual: torch.Tensor  # [B, L] bool
+    position_ids: torch.Tensor  # [B, L]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    layer_mask: object = None  # attention mask for layers of this stage, in the backend's form
+    local: Compaction | None = None  # from the previous stage
+
+
+@dataclass
+class PrefillRecord:
+    """What the last prefill did: per-sample visual counts of the input and of every LLM layer."""
+
+    n_visual: torch.Tensor  # [B]
+    stages: list[Stage] = field(default_factory=list)
+    num_layers: int = 0
+    length: int = 0
+
+    def stage_at(self, layer: int) -> Stage:
+        """The stage in force at the input of decoder `layer`."""
+        return [stage for stage in self.stages if stage.layer <= layer][-1]
+
+    @property
+    def layer_visual_tokens(self) -> torch.Tensor:
+        """[num_layers, B]: visual tokens each decoder layer took in, per sample."""
+        return torch.stack([self.stage_at(layer).visual.sum(1) for layer in range(self.num_layers)])
+
+    @property
+    def reserve_ratio(self) -> torch.Tensor:
+        """[B]: average over layers of kept / n_v (1 for samples without visual tokens)."""
+        n = self.n_visual.clamp(min=1).double()
+        ratio = self.layer_visual_tokens.double().mean(0) / n
+        return torch.where(self.n_visual > 0, ratio, torch.ones_like(ratio))
+
+    @property
+    def kept(self) -> Compaction | None:
+        """Compaction from the original sequence to the LLM's output rows (None if nothing was dropped)."""
+        return self.stages[-1].compaction
+
+
+class PruningSession:
+    """Context manager: `with PruningSession(model, pruner) as session: model.generate(...)`."""
+
+    def __init__(self, model: nn.Module, pruner: Pruner):
+        self.model = model
+        self.pruner = pruner
+        self.multimodal = model.model if hasattr(model, "lm_head") else model
+        self.language_model = self.multimodal.language_model
+        self.layers = self.language_model.layers
+        self.config = model.config
+        self._handles: list = []
+        self._pending_visual: torch.Tensor | None = None
+        self._record: PrefillRecord | None = None
+        self._decoding = False
+        self._stash: dict[int, torch.Tensor] = {}
+        self._decode_suffix: torch.Tensor | None = None
+        self._decode_masks: dict[int, object] = {}
+
+    # -- installation ---------------------------------------------------------------------------------------
+    def __enter__(self) -> PruningSession:
+        if getattr(self.model, _MARK, None) is not None:
+            raise CovipalError("a pruner is already installed on this model; leave its `with` block first")
+        self.pruner.setup(self.model)
+        drop_layers = sorted(set(self.pruner.drop_layers))
+        num_layers = len(self.layers)
+        if any(layer < 0 or layer >= num_layers for layer in drop_layers):
+            raise CovipalError(f"pruner drops at layers {drop_layers} but the LLM has layers 0..{num_layers - 1}")
+        self._drop_layers = drop_layers
+        self._inner_drops = [layer for layer in drop_layers if layer > 0]
+        setattr(self.model, _MARK, self)
+        try:
+            self._handles.append(self.multimodal.register_forward_pre_hook(self._multimodal_hook, with_kwargs=True))
+            self._handles.append(
+                self.language_model.register_forward_pre_hook(self._language_model_hook, with_kwargs=True)
+            )
+            if self._inner_drops:
+                watched = set(range(min(self._inner_drops) - 1, num_layers))
+                for index in sorted(watched):
+                    hook = self._make_layer_hook(index)
+                    self._handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stash.clear()
+        self._decode_masks.clear()
+        if getattr(self.model, _MARK, None) is self:
+            delattr(self.model, _MARK)
+
+    @property
+    def record(self) -> PrefillRecord | None:
+        """The last prefill's record (per-layer counts, kept positions)."""
+        return self._record
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _multimodal_hook(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self._decoding = cache is not None and cache.get_seq_length() > 0
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            self._pending_visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        else:
+            self._pending_visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        if self._decoding and bool(self._pending_visual.any()):
+            raise CovipalError(
+                "a call continuing a KV cache carries visual tokens; put all images and videos in the prompt"
+            )
+        return None
+
+    def _language_model_hook(self, module, args, kwargs):
+        if self._decoding:
+            return self._language_model_decode(kwargs)
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        visual = self._pending_visual
+        self._pending_visual = None
+        if visual is None or visual.shape != (batch, length):
+            visual = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
+            raise CovipalError("pruning needs a 2D attention_mask (padding mask); got a prepared 4D mask")
+        mask2d = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=embeds.device)[None]
+        position_ids = position_ids.expand(batch, length)
+        n_visual = (visual & mask2d).sum(1)
+        stage = Stage(0, None, mask2d, visual & mask2d, position_ids)
+        self._record = PrefillRecord(n_visual=n_visual, stages=[stage], num_layers=len(self.layers), length=length)
+        self._stash.clear()
+        if 0 not in self._drop_layers or not bool(n_visual.any()):
+            return None
+        context = LayerContext(
+            layer=0,
+            hidden_states=embeds,
+            previous_hidden_states=None,
+            visual=stage.visual,
+            attention_mask=mask2d,
+            position_ids=position_ids,
+            position_embeddings=None,
+            n_visual=n_visual,
+            language_model=self.language_model,
+        )
+        new = self._drop(stage, self.pruner.select(context) | ~stage.visual, layer=0)
+        if new is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = new.compaction.gather(embeds)
+        kwargs["attention_mask"] = new.mask2d.to(mask.dtype if mask is not None else torch.long)
+        kwargs["position_ids"] = new.position_ids
+        return args, kwargs
+
+    def _language_model_decode(self, kwargs):
+        record = self._record
+        self._decode_masks.clear()
+        if record is None or len(record.stages) == 1:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        batch, steps = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        entry = record.stage_at(0)
+        if mask is None:
+            cached = kwargs["past_key_values"].get_seq_length(0)
+            generated = cached - entry.mask2d.shape[1] + steps
+            suffix = torch.ones(batch, generated, dtype=torch.bool, device=embeds.device)
+        else:
+            suffix = mask[:, record.length :].bool()
+        self._decode_suffix = suffix
+        if entry.compaction is None:  # only inner-layer drops: the model's own mask is right for early layers
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = torch.cat([entry.mask2d, suffix], dim=1).to(
+            mask.dtype if mask is not None else torch.long
+        )
+        if kwargs.get("position_ids") is None:  # new tokens follow the original length
+            start = record.length + suffix.shape[1] - steps
+            kwargs["position_ids"] = (torch.arange(steps, device=embeds.device) + start)[None].expand(batch, steps)
+        return (), kwargs
+
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            return self._layer_hook(index, args, kwargs)
+
+        return hook
+
+    def _layer_hook(self, index: int, args, kwargs):
+        record = self._record
+        if record is None:
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self._decoding:
+            stage = record.stage_at(index)
+            if stage.layer == 0:
+                return None
+            if stage.layer not in self._decode_masks:
+                mask2d = torch.cat([stage.mask2d, self._decode_suffix], dim=1)
+                self._decode_masks[stage.layer] = self._layer_mask(hidden, mask2d, kwargs, stage.layer)
+            return (hidden, *args[1:]), {**kwargs, "attention_mask": self._decode_masks[stage.layer]}
+        stage = record.stages[-1]
+        if index in self._inner_drops and bool(record.n_visual.any()):
+            embeddings = stage.position_embeddings or kwargs["position_embeddings"]
+            context = LayerContext(
+                layer=index,
+                hidden_states=hidden,
+                previous_hidden_states=self._stash.pop(index - 1, None),
+                visual=stage.visual,
+                attention_mask=stage.mask2d,
+                position_ids=stage.position_ids,
+                position_embeddings=embeddings,
+                n_visual=record.n_visual,
+                language_model=self.language_model,
+            )
+            new = self._drop(stage, self.pruner.select(context) | ~stage.visual, index, embeddings)
+            if new is not None:
+                hidden = new.local.gather(hidden)
+                new.layer_mask = self._layer_mask(hidden, new.mask2d, kwargs, index)
+                stage = new
+        if index + 1 in self._inner_drops:
+            self._stash[index] = hidden
+        if stage.layer == 0:
+            return None
+        kwargs = {
+            **kwargs,
+            "attention_mask": stage.layer_mask,
+            "position_embeddings": stage.position_embeddings,
+            "position_ids": stage.position_ids,
+        }
+        return (hidden, *args[1:]), kwargs
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _drop(self, stage: Stage, keep: torch.Tensor, layer: int, position_embeddings=None) -> Stage | None:
+        """Record a new stage keeping `keep` (over the current stage's tokens); None if nothing is dropped.
+
+        Padding is squeezed out along with the dropped tokens; rows are left-padded to the longest again."""
+        if bool((keep | ~stage.mask2d).all()):
+            return None
+        local = Compaction.from_keep(keep & stage.mask2d)
+        embeddings = None
+        if position_embeddings is not None:
+            embeddings = tuple(local.gather(t.expand(keep.shape[0], -1, -1)) for t in position_embeddings)
+        new = Stage(
+            layer=layer,
+            compaction=local if stage.compaction is None else stage.compaction.compose(local),
+            mask2d=local.gather_mask(stage.mask2d),
+            visual=local.gather_mask(stage.visual),
+            position_ids=local.gather(stage.position_ids),
+            position_embeddings=embeddings,
+            local=local,
+        )
+        self._record.stages.append(new)
+        return new
+
+    def _layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, kwargs, layer: int):
+        """The attention mask for a layer whose cache holds this stage's tokens, in the backend's own form."""
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=kwargs.get("past_key_values"),
+            position_ids=None,
+            layer_idx=layer,
+        )

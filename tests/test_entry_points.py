@@ -1,0 +1,121 @@
+"""Configs compose, the eval entry point runs and sweeps on the tiny default, and bad input ends in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from covipal import api
+from covipal.cli import group_options
+from covipal.errors import CovipalError
+from covipal.inference import generate_answers
+from covipal.pruning.fastv import fastv_keep_fraction
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_eval(args, env, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "covipal.eval", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+@pytest.mark.parametrize("pruner", group_options("pruner"))
+def test_every_model_and_pruner_config_composes(model, pruner):
+    cfg = api.compose("eval", [f"model={model}", f"pruner={pruner}"])
+    assert cfg.model._target_.startswith("covipal.") and cfg.pruner._target_.startswith("covipal.pruning.")
+    assert 0 < cfg.pruner.reserve_ratio <= 1
+
+
+@pytest.mark.parametrize("pruner", ["none", "fastv", "covipal"])
+def test_python_api_builds_what_the_cli_builds(pruner, monkeypatch, tmp_path):
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path))
+    extra = ["classifier=random"] if pruner == "covipal" else []
+    loaded, built = api.load("tiny", pruner, "pruner.reserve_ratio=0.5", *extra)
+    samples = [api.Sample("what colour is the circle?", images=[__import__("conftest").random_image(0, 64, 96)])]
+    (answer,) = generate_answers(loaded, built, samples, max_new_tokens=3, progress=False)
+    layers = loaded.model.config.text_config.num_hidden_layers
+    expected = {"none": 1.0, "covipal": 0.5, "fastv": None}[pruner]
+    if expected is None:
+        keep = int(fastv_keep_fraction(0.5, layers, 2) * answer.n_visual)
+        expected = (2 * answer.n_visual + (layers - 2) * keep) / layers / answer.n_visual
+    assert answer.reserve_ratio == pytest.approx(expected)
+
+
+def test_eval_runs_and_writes_results(cache_env, tmp_path):
+    result = run_eval(
+        ["pruner=fastv", "pruner.reserve_ratio=0.25", f"hydra.run.dir={tmp_path}/run"], cache_env, tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["samples"] == 4
+    assert {row["kind"] for row in rows} == {"image", "video"}
+    assert 0.2 < metrics["reserve_ratio_achieved"] <= 0.25
+    assert len(metrics["mean_visual_tokens_per_layer"]) == 12
+    assert "average reserve ratio" in result.stdout
+
+
+def test_eval_multirun_sweeps_into_self_describing_directories(cache_env, tmp_path):
+    args = [
+        "-m",
+        "pruner=covipal,fastv",
+        "pruner.reserve_ratio=0.5,0.25",
+        "classifier=random",
+        "num_samples=1",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    result = run_eval(args, cache_env, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 4
+    assert any("pruner=covipal" in name and "reserve_ratio=0.25" in name for name in runs)
+    ratios = {
+        p.parent.name: json.loads(p.read_text())["reserve_ratio_achieved"]
+        for p in (tmp_path / "sweep").glob("*/metrics.json")
+    }
+    for name, ratio in ratios.items():
+        target = 0.5 if "reserve_ratio=0.5" in name else 0.25
+        assert ratio <= target + 1e-9 and ratio > target - 0.1
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["pruner=foo"], "unknown pruner 'foo'"),
+        (["-m", "pruner=none,foo"], "unknown pruner 'foo'"),
+        (["model=gpt"], "unknown model 'gpt'"),
+        (["pruner=fastv", "pruner.reserve_ratio=1.5"], "pruner.reserve_ratio=1.5"),
+        (["pruner=covipal", "pruner.reserve_ratio=0"], "pruner.reserve_ratio=0"),
+        (["pruner=covipal"], "classifier=random"),
+        (["pruner=fastv", "pruner.reserve_ratio=0.1"], "pruner.reserve_ratio>="),
+        (["model=llava_ov"], "model.name_or_path="),
+    ],
+)
+def test_bad_input_ends_in_one_line(args, needle, cache_env, tmp_path):
+    result = run_eval([*args, f"hydra.run.dir={tmp_path}/run"], cache_env, tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr[-2000:]
+
+
+def test_api_reports_unknown_pruner_and_bad_ratio_as_user_errors():
+    with pytest.raises(CovipalError, match="unknown pruner 'foo'"):
+        api.compose("eval", ["pruner=foo"])
+    with pytest.raises(CovipalError, match="outside"):
+        api.build_pruner(api.compose("eval", ["pruner=fastv", "pruner.reserve_ratio=2"]))
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,86 @@
+"""The tiny model, its tokenizer and processor, and loading real checkpoints (offline errors, mismatches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs
+from transformers import AutoProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+from covipal.errors import CovipalError
+from covipal.models.loading import check_processor_matches, load_pretrained, load_tiny, tiny_checkpoint
+from covipal.models.tiny import TinySpec, build_tiny
+from covipal.models.tokenizer import build_word_tokenizer
+
+
+def test_tokenizer_round_trips_text_and_keeps_special_tokens(tmp_path):
+    tokenizer = build_word_tokenizer(["widget"])
+    text = "<image> what colour is the widget xyzzy? 42"
+    ids = tokenizer(text).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 1
+    assert tokenizer.decode(ids) == "<image> what colour is the widget xyzzy? 42"
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
+
+
+def test_tiny_build_is_deterministic_and_cached(tmp_path):
+    spec = TinySpec(seed=3)
+    first = build_tiny(spec, tmp_path / "a")
+    second = build_tiny(spec, tmp_path / "b")
+    state_a = LlavaOnevisionForConditionalGeneration.from_pretrained(first).state_dict()
+    state_b = LlavaOnevisionForConditionalGeneration.from_pretrained(second).state_dict()
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+    other = LlavaOnevisionForConditionalGeneration.from_pretrained(build_tiny(TinySpec(seed=4), tmp_path / "c"))
+    assert not torch.equal(other.state_dict()["lm_head.weight"], state_a["lm_head.weight"])
+    cached = tiny_checkpoint(spec, tmp_path / "cache")
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert tiny_checkpoint(spec, tmp_path / "cache") == cached
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("kind", ["image", "multi_image", "video"])
+def test_tiny_model_runs_every_input_kind(tiny_dir, processor, sdpa_model, kind):
+    inputs = make_inputs(processor, kind)
+    visual = (inputs["input_ids"] == sdpa_model.config.image_token_id) | (
+        inputs["input_ids"] == sdpa_model.config.video_token_id
+    )
+    assert int(visual.sum()) > 30  # anyres tiles + newlines, or pooled frames
+    with torch.no_grad():
+        logits = sdpa_model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_load_tiny_goes_through_from_pretrained(tmp_path):
+    loaded = load_tiny(spec={"text_layers": 2}, cache_dir=str(tmp_path))
+    assert loaded.model.config.text_config.num_hidden_layers == 2
+    assert loaded.model.config._attn_implementation == "sdpa"
+    assert loaded.model.model.language_model is not None and loaded.name == "tiny"
+
+
+def test_missing_weights_offline_fail_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CovipalError) as error:
+        load_pretrained("llava-hf/llava-onevision-qwen2-7b-ov-chat-hf", device="cpu")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "llava-hf/llava-onevision-qwen2-7b-ov-chat-hf" in message and "model.name_or_path=" in message
+
+
+def test_processor_model_mismatch_is_refused(tiny_dir, tmp_path):
+    other = build_tiny(TinySpec(image_size=16, grid_pinpoints=[[16, 16], [16, 32]]), tmp_path / "other")
+    with pytest.raises(CovipalError) as error:
+        load_pretrained(str(tiny_dir), device="cpu", dtype="float32", processor_path=str(other))
+    assert "tokens per crop" in str(error.value) and "\n" not in str(error.value)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir)
+    check_processor_matches(model, AutoProcessor.from_pretrained(tiny_dir), "tiny")  # the matching pair passes
+
+
+def test_bad_attention_and_device_choices_fail_in_one_line(tiny_dir):
+    with pytest.raises(CovipalError, match="model.attn_implementation=fast"):
+        load_pretrained(str(tiny_dir), attn_implementation="fast", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CovipalError, match="flash_attention_2"):
+            load_pretrained(str(tiny_dir), attn_implementation="flash_attention_2", device="cpu")
+        with pytest.raises(CovipalError, match="model.device=cuda"):
+            load_pretrained(str(tiny_dir), device="cuda")
