@@ -52,6 +52,6 @@ def build_pruner(cfg: DictConfig) -> Pruner:
 
 
 def load(model: str = "tiny", pruner: str = "none", *overrides: str) -> tuple[LoadedModel, Pruner]:
-    """Shortcut: `load("tiny", "covipal", "pruner.classifier=random", "pruner.reserve_ratio=0.5")`."""
+    """Shortcut: `load("tiny", "covipal", "classifier=random", "pruner.reserve_ratio=0.5")`."""
     cfg = compose("eval", [f"model={model}", f"pruner={pruner}", *overrides])
     return build_model(cfg), build_pruner(cfg)

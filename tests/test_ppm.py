@@ -133,7 +133,7 @@ def test_missing_checkpoint_raises(tmp_path, missing):
         PPMClassifier.from_pretrained(path)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg
-    assert "covipal.train stage=1" in msg and "pruner.classifier=random" in msg
+    assert "covipal.train stage=1" in msg and "classifier=random" in msg
 
 
 def test_determinism():

@@ -215,7 +215,7 @@ class PPMClassifier(nn.Module):
                 raise FileNotFoundError(
                     f"PPM checkpoint not found: {path} does not exist; train one with "
                     "`python -m covipal.train stage=1` or use explicit random init "
-                    "(pruner.classifier=random)"
+                    "(classifier=random)"
                 )
         meta = json.loads((directory / CONFIG_NAME).read_text())
         if meta.get("format") != PPM_FORMAT:

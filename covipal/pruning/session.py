@@ -135,16 +135,20 @@ class PruningSession:
     def _multimodal_hook(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
         self._decoding = cache is not None and cache.get_seq_length() > 0
+        if self._decoding:
+            # A generated token may equal a placeholder id; it is text unless new pixels come with it.
+            if any(
+                kwargs.get(key) is not None for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+            ):
+                raise CovipalError("a call continuing a KV cache carries images or video; put them all in the prompt")
+            self._pending_visual = None
+            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             embeds = kwargs.get("inputs_embeds")
             self._pending_visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         else:
             self._pending_visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-        if self._decoding and bool(self._pending_visual.any()):
-            raise CovipalError(
-                "a call continuing a KV cache carries visual tokens; put all images and videos in the prompt"
-            )
         return None
 
     def _language_model_hook(self, module, args, kwargs):
