@@ -65,7 +65,9 @@ def generate_answers(
     answers: dict[int, Answer] = {}
     with PruningSession(model, pruner) as session, torch.no_grad():
         for indices in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            inputs = encode(processor, [samples[i] for i in indices], loaded.device, dtype)
+            batch = [samples[i] for i in indices]
+            inputs = encode(processor, batch, loaded.device, dtype)
+            session.extras = {"relevance": [s.relevance for s in batch]}
             start = time.perf_counter()
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             seconds = time.perf_counter() - start

@@ -13,6 +13,7 @@ import torch
 
 from covipal import api
 from covipal.cli import group_options
+from covipal.data.export import benchmark_samples
 from covipal.errors import CovipalError
 from covipal.inference import generate_answers
 from covipal.pruning.fastv import fastv_keep_fraction
@@ -27,9 +28,20 @@ def cache_env(tmp_path_factory):
     return env
 
 
+# The CLI is exercised on the untrained tiny model (pretrain.steps=0); pretraining has its own tests.
+UNTRAINED = "model.pretrain.steps=0"
+
+
 def run_eval(args, env, cwd):
+    chosen = any((a.startswith("model=") and a != "model=tiny") or a.startswith("model.pretrain.") for a in args)
+    untrained = [] if chosen else [UNTRAINED]
     return subprocess.run(
-        [sys.executable, "-m", "covipal.eval", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "covipal.eval", *args, *untrained],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -45,8 +57,8 @@ def test_every_model_and_pruner_config_composes(model, pruner):
 def test_python_api_builds_what_the_cli_builds(pruner, monkeypatch, tmp_path):
     monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path))
     extra = ["classifier=random"] if pruner == "covipal" else []
-    loaded, built = api.load("tiny", pruner, "pruner.reserve_ratio=0.5", *extra)
-    samples = [api.Sample("what colour is the circle?", images=[__import__("conftest").random_image(0, 64, 96)])]
+    loaded, built = api.load("tiny", pruner, UNTRAINED, "pruner.reserve_ratio=0.5", *extra)
+    samples = benchmark_samples("TinyWorld_MCQ", 1)
     (answer,) = generate_answers(loaded, built, samples, max_new_tokens=3, progress=False)
     layers = loaded.model.config.text_config.num_hidden_layers
     expected = {"none": 1.0, "covipal": 0.5, "fastv": None}[pruner]
@@ -57,17 +69,18 @@ def test_python_api_builds_what_the_cli_builds(pruner, monkeypatch, tmp_path):
 
 
 def test_eval_runs_and_writes_results(cache_env, tmp_path):
-    result = run_eval(
-        ["pruner=fastv", "pruner.reserve_ratio=0.25", f"hydra.run.dir={tmp_path}/run"], cache_env, tmp_path
-    )
+    args = ["pruner=fastv", "pruner.reserve_ratio=0.25", "num_samples=8", f"hydra.run.dir={tmp_path}/run"]
+    result = run_eval(args, cache_env, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["benchmarks"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
-    assert len(rows) == metrics["samples"] == 4
-    assert {row["kind"] for row in rows} == {"image", "video"}
-    assert 0.2 < metrics["reserve_ratio_achieved"] <= 0.25
-    assert len(metrics["mean_visual_tokens_per_layer"]) == 12
-    assert "average reserve ratio" in result.stdout
+    assert set(metrics) == {"TinyWorld_MCQ", "TinyWorld_Video_MCQ"} and len(rows) == 16
+    for name, result_ in metrics.items():
+        assert result_["questions"] == 8 and 0 <= result_["accuracy"] <= 1
+        assert 0.2 < result_["reserve_ratio_achieved"] <= 0.25
+        assert len(result_["mean_visual_tokens_per_layer"]) == 10
+        assert sum(row["correct"] for row in rows if row["benchmark"] == name) == round(result_["accuracy"] * 8)
+    assert "TinyWorld_MCQ" in result.stdout
 
 
 def test_eval_multirun_sweeps_into_self_describing_directories(cache_env, tmp_path):
@@ -76,7 +89,7 @@ def test_eval_multirun_sweeps_into_self_describing_directories(cache_env, tmp_pa
         "pruner=covipal,fastv",
         "pruner.reserve_ratio=0.5,0.25",
         "classifier=random",
-        "num_samples=1",
+        "num_samples=2",
         f"hydra.sweep.dir={tmp_path}/sweep",
     ]
     result = run_eval(args, cache_env, tmp_path)
@@ -85,7 +98,7 @@ def test_eval_multirun_sweeps_into_self_describing_directories(cache_env, tmp_pa
     assert len(runs) == 4
     assert any("pruner=covipal" in name and "reserve_ratio=0.25" in name for name in runs)
     ratios = {
-        p.parent.name: json.loads(p.read_text())["reserve_ratio_achieved"]
+        p.parent.name: json.loads(p.read_text())["benchmarks"]["TinyWorld_MCQ"]["reserve_ratio_achieved"]
         for p in (tmp_path / "sweep").glob("*/metrics.json")
     }
     for name, ratio in ratios.items():
@@ -119,3 +132,19 @@ def test_api_reports_unknown_pruner_and_bad_ratio_as_user_errors():
     with pytest.raises(CovipalError, match="outside"):
         api.build_pruner(api.compose("eval", ["pruner=fastv", "pruner.reserve_ratio=2"]))
     assert torch.get_num_threads() >= 1
+
+
+def test_pretrain_entry_point_caches_what_model_tiny_loads(cache_env, tmp_path):
+    recipe = ["model.pretrain.steps=3", "model.pretrain.batch_size=2", "eval_questions=4"]
+    args = [sys.executable, "-m", "covipal.pretrain", *recipe, f"hydra.run.dir={tmp_path}/run"]
+    result = subprocess.run(args, cwd=tmp_path, env=cache_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    checkpoint = Path(metrics["checkpoint"])
+    assert checkpoint.parent == Path(cache_env["COVIPAL_CACHE"]) and (checkpoint / "pretrain_log.json").exists()
+    assert 0 <= metrics["held_out_mcq"]["accuracy"] <= 1 and metrics["held_out_mcq"]["questions"] == 4
+    # model=tiny with the same recipe now loads this checkpoint instead of training again
+    rerun = run_eval(["model.pretrain.steps=3", "model.pretrain.batch_size=2", "num_samples=2",
+                      f"hydra.run.dir={tmp_path}/eval"], cache_env, tmp_path)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "pretrain" not in rerun.stderr

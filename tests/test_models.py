@@ -8,9 +8,10 @@ from conftest import make_inputs
 from transformers import AutoProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
 from covipal.errors import CovipalError
-from covipal.models.loading import check_processor_matches, load_pretrained, load_tiny, tiny_checkpoint
+from covipal.models.loading import check_processor_matches, load_pretrained, tiny_checkpoint
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.models.tokenizer import build_word_tokenizer
+from covipal.training.tiny_base import load_tiny
 
 
 def test_tokenizer_round_trips_text_and_keeps_special_tokens(tmp_path):
@@ -52,7 +53,7 @@ def test_tiny_model_runs_every_input_kind(tiny_dir, processor, sdpa_model, kind)
 
 
 def test_load_tiny_goes_through_from_pretrained(tmp_path):
-    loaded = load_tiny(spec={"text_layers": 2}, cache_dir=str(tmp_path))
+    loaded = load_tiny(spec={"text_layers": 2}, pretrain={"steps": 0}, cache_dir=str(tmp_path))
     assert loaded.model.config.text_config.num_hidden_layers == 2
     assert loaded.model.config._attn_implementation == "sdpa"
     assert loaded.model.model.language_model is not None and loaded.name == "tiny"

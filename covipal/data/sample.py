@@ -15,6 +15,8 @@ class Sample:
     images: list = field(default_factory=list)
     video: np.ndarray | None = None
     answer: str | None = None
+    relevance: np.ndarray | None = None  # bool over the sample's visual tokens: those the question is about
+    meta: dict = field(default_factory=dict)  # e.g. question type, answer format
 
     @property
     def kind(self) -> str:

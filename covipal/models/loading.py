@@ -148,16 +148,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COVIPAL_CACHE", Path.home() / ".cache" / "covipal"))
 
 
-def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
-    """The cached checkpoint directory for `spec`, built (atomically) when absent."""
-    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()) / f"tiny-{key}"
+def cached_directory(
+    prefix: str, key: object, build, cache_dir: str | Path | None = None, rebuild: bool = False
+) -> Path:
+    """`<cache>/<prefix>-<hash of key>`, made by `build(directory)` when absent (or when `rebuild`). Building
+    happens in a staging directory that is renamed into place, so a crash never leaves a half-written checkpoint."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()) / f"{prefix}-{digest}"
     if (directory / "config.json").exists():
-        return directory
+        if not rebuild:
+            return directory
+        shutil.rmtree(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=directory.parent))
     try:
-        build_tiny(spec, staging)
+        build(staging)
         try:
             staging.rename(directory)
         except OSError:  # another process finished first
@@ -168,14 +173,6 @@ def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path
     return directory
 
 
-def load_tiny(
-    spec: dict | None = None,
-    cache_dir: str | None = None,
-    attn_implementation: str = "sdpa",
-    dtype: str = "float32",
-    device: str = "cpu",
-    ppm: dict | None = None,
-) -> LoadedModel:
-    """The tiny default model: cached checkpoint for `spec`, loaded like any real checkpoint."""
-    directory = tiny_checkpoint(TinySpec(**(spec or {})), cache_dir)
-    return load_pretrained(str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm)
+def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
+    """The cached checkpoint of the untrained (seeded random) tiny model for `spec`."""
+    return cached_directory("tiny", asdict(spec), lambda directory: build_tiny(spec, directory), cache_dir)

@@ -42,6 +42,7 @@ class TinySpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     vision_aspect_ratio: str = "anyres_max_9"
+    vision_feature_layer: int = -1  # -(layers+1) = the patch embeddings (each token sees only its own patch)
     initializer_range: float = 0.02
     words: list[str] = field(default_factory=list)
     seed: int = 0
@@ -75,7 +76,7 @@ def tiny_model_config(spec: TinySpec, vocab_size: int, image_token_id: int, vide
         image_token_index=image_token_id,
         video_token_index=video_token_id,
         image_grid_pinpoints=spec.grid_pinpoints,
-        vision_feature_layer=-1,
+        vision_feature_layer=spec.vision_feature_layer,
         vision_feature_select_strategy="full",
         vision_aspect_ratio=spec.vision_aspect_ratio,
         tie_word_embeddings=True,

@@ -7,7 +7,7 @@ input embeddings, before the LLM) and, at each of them, returns a keep mask over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -27,6 +27,7 @@ class LayerContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # rotary (cos, sin); None at layer 0
     n_visual: torch.Tensor  # [B] visual tokens of the unpruned input
     language_model: nn.Module
+    extras: dict = field(default_factory=dict)  # per-batch side information the caller gave the session
 
 
 @runtime_checkable

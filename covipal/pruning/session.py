@@ -89,6 +89,7 @@ class PruningSession:
         self._stash: dict[int, torch.Tensor] = {}
         self._decode_suffix: torch.Tensor | None = None
         self._decode_masks: dict[int, object] = {}
+        self.extras: dict = {}  # per-batch side information for pruners (e.g. the oracle's relevant tokens)
 
     # -- installation ---------------------------------------------------------------------------------------
     def __enter__(self) -> PruningSession:
@@ -184,6 +185,7 @@ class PruningSession:
             position_embeddings=None,
             n_visual=n_visual,
             language_model=self.language_model,
+            extras=self.extras,
         )
         new = self._drop(stage, self.pruner.select(context) | ~stage.visual, layer=0)
         if new is None:
@@ -253,6 +255,7 @@ class PruningSession:
                 position_embeddings=embeddings,
                 n_visual=record.n_visual,
                 language_model=self.language_model,
+                extras=self.extras,
             )
             new = self._drop(stage, self.pruner.select(context) | ~stage.visual, index, embeddings)
             if new is not None:

@@ -1,0 +1,156 @@
+"""Writing the tiny world to disk in the layouts real data comes in.
+
+    <root>/llava_next/tiny_world.json + images/      training conversations, LLaVA-NeXT-Data layout
+    <root>/llava_video/tiny_world.json + videos/     training conversations, LLaVA-Video-178K layout (mp4)
+    <root>/LMUData/TinyWorld_MCQ.tsv                 image multiple choice (VLMEvalKit MCQ columns)
+    <root>/LMUData/TinyWorld_YN.tsv                  image yes/no
+    <root>/LMUData/TinyWorld_VQA.tsv                 image short answer
+    <root>/LMUData/TinyWorld_Video_MCQ.tsv + videos/TinyWorld_Video_MCQ/   video multiple choice
+    <root>/LMUData/<NAME>_oracle.jsonl               per row: the visual token positions the question is about
+
+Benchmarks use seeds disjoint from the training split's, so they are held out.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm.auto import tqdm
+
+from covipal.data.sample import Sample
+from covipal.data.synthetic import YES_NO_TYPES
+from covipal.data.tiny_world import image_sample, video_sample
+
+BENCHMARK_SEED = 10_000_000
+MCQ_COLUMNS = ["index", "question", "A", "B", "C", "D", "answer", "category", "image"]
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int = 8) -> None:
+    """Lossless H.264 in RGB (crf 0), so decoded frames equal the generated ones."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb24"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _conversation(sample: Sample) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{sample.question}"}, {"from": "gpt", "value": sample.answer}]
+
+
+def write_training_split(root: Path, images: int, videos: int, seed: int = 0, progress: bool = True) -> None:
+    rng = np.random.default_rng(seed)
+    image_dir = root / "llava_next" / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in tqdm(range(images), desc="training images", disable=not progress):
+        sample = image_sample(rng, "mcq" if rng.random() < 0.5 else "short")
+        name = f"tw_{index:07d}"
+        sample.images[0].save(image_dir / f"{name}.png")
+        records.append({"id": name, "image": f"images/{name}.png", "conversations": _conversation(sample)})
+    (root / "llava_next" / "tiny_world.json").write_text(json.dumps(records))
+    video_dir = root / "llava_video" / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in tqdm(range(videos), desc="training videos", disable=not progress):
+        sample = video_sample(rng, "mcq" if rng.random() < 0.5 else "short")
+        name = f"twv_{index:07d}"
+        write_video(sample.video, video_dir / f"{name}.mp4")
+        records.append(
+            {
+                "id": name,
+                "video": f"videos/{name}.mp4",
+                "conversations": _conversation(sample),
+                "data_source": "tiny_world",
+            }
+        )
+    (root / "llava_video" / "tiny_world.json").write_text(json.dumps(records))
+
+
+def benchmark_samples(name: str, count: int, seed: int = BENCHMARK_SEED) -> list[Sample]:
+    """The held-out samples of one benchmark, regenerated from its seed (no files needed)."""
+    offsets = {"TinyWorld_MCQ": 0, "TinyWorld_YN": 1, "TinyWorld_VQA": 2, "TinyWorld_Video_MCQ": 3}
+    rng = np.random.default_rng(seed + offsets[name])
+    if name == "TinyWorld_MCQ":
+        return [image_sample(rng, "mcq") for _ in range(count)]
+    if name == "TinyWorld_YN":
+        return [image_sample(rng, "short", kinds=YES_NO_TYPES) for _ in range(count)]
+    if name == "TinyWorld_VQA":
+        kinds = ("attribute_at_location", "location_of_attribute", "counting")
+        return [image_sample(rng, "short", kinds=kinds) for _ in range(count)]
+    if name == "TinyWorld_Video_MCQ":
+        return [video_sample(rng, "mcq") for _ in range(count)]
+    raise ValueError(f"unknown tiny-world benchmark {name}; choose one of {', '.join(offsets)}")
+
+
+BENCHMARKS = ("TinyWorld_MCQ", "TinyWorld_YN", "TinyWorld_VQA", "TinyWorld_Video_MCQ")
+
+
+def write_benchmark(root: Path, name: str, count: int, progress: bool = True) -> Path:
+    directory = root / "LMUData"
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = benchmark_samples(name, count)
+    video = name.startswith("TinyWorld_Video")
+    if video:
+        (directory / "videos" / name).mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.tsv"
+    with open(path, "w", newline="") as handle, open(directory / f"{name}_oracle.jsonl", "w") as oracle:
+        writer = csv.writer(handle, delimiter="\t")
+        mcq = name.endswith("MCQ")
+        columns = MCQ_COLUMNS if mcq else ["index", "question", "answer", "category", "image"]
+        if video:
+            columns = [c if c != "image" else "video" for c in columns]
+        writer.writerow(columns)
+        for index, sample in enumerate(tqdm(samples, desc=name, disable=not progress)):
+            row = {"index": index, "question": sample.question.split("\n")[0], "category": sample.meta["type"]}
+            if mcq:
+                options = sample.meta["options"] + [""] * (4 - len(sample.meta["options"]))
+                row.update(zip("ABCD", options))
+                row["answer"] = sample.answer
+            else:
+                row["answer"] = sample.answer.capitalize() if name == "TinyWorld_YN" else sample.answer
+            if video:
+                write_video(sample.video, directory / "videos" / name / f"{index}.mp4")
+                row["video"] = f"videos/{name}/{index}.mp4"
+            else:
+                row["image"] = _png_base64(sample.images[0])
+            writer.writerow([row[c] for c in columns])
+            oracle.write(json.dumps({"index": index, "relevant": np.flatnonzero(sample.relevance).tolist()}) + "\n")
+    return path
+
+
+def write_tiny_world(
+    root: str | Path,
+    train_images: int = 20_000,
+    train_videos: int = 4_000,
+    benchmark_size: int = 2_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    root = Path(root)
+    write_training_split(root, train_images, train_videos, seed, progress)
+    for name in BENCHMARKS:
+        write_benchmark(root, name, benchmark_size, progress)
+    return root

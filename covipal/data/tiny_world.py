@@ -1,0 +1,82 @@
+"""Samples of the tiny world (questions with their images or videos), for pretraining, training and benchmarks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from covipal.data.sample import Sample
+from covipal.data.synthetic import (
+    IMAGE_QUESTION_TYPES,
+    VIDEO_QUESTION_TYPES,
+    Question,
+    image_token_relevance,
+    random_image_question,
+    random_scene,
+    random_video_question,
+    random_video_scene,
+    video_token_relevance,
+)
+
+
+def _sample(question: Question, fmt: str, relevance: np.ndarray, **visual) -> Sample:
+    prompt, answer = question.mcq() if fmt == "mcq" else question.short()
+    meta = {"type": question.kind, "format": fmt, "short_answer": question.answer, "options": question.options}
+    return Sample(prompt, answer=answer, relevance=relevance, meta=meta, **visual)
+
+
+def _more_turns(rng, ask, turns: int, mcq_fraction: float) -> list[tuple[str, str]]:
+    """Further (prompt, answer) turns about the same scene, for multi-turn training conversations."""
+    extra = []
+    for _ in range(turns - 1):
+        question = ask()
+        if question is not None:
+            extra.append(question.mcq() if rng.random() < mcq_fraction else question.short())
+    return extra
+
+
+def image_sample(
+    rng: np.random.Generator,
+    fmt: str,
+    kinds=IMAGE_QUESTION_TYPES,
+    min_objects: int = 4,
+    max_objects: int = 7,
+    turns: int = 1,
+    mcq_fraction: float = 0.5,
+) -> Sample:
+    """One image question (`turns` > 1 adds further questions about the same scene in `meta["turns"]`)."""
+    question = None
+    while question is None:  # a scene that supports none of `kinds` is drawn again
+        scene = random_scene(rng, min_objects, max_objects)
+        question = random_image_question(rng, scene, kinds)
+    sample = _sample(question, fmt, image_token_relevance(scene, question.about), images=[scene.render()])
+    sample.meta["scene_relevance"] = image_token_relevance(scene, list(range(len(scene.objects))))
+    sample.meta["turns"] = _more_turns(rng, lambda: random_image_question(rng, scene, kinds), turns, mcq_fraction)
+    return sample
+
+
+def video_sample(
+    rng: np.random.Generator, fmt: str, kinds=VIDEO_QUESTION_TYPES, turns: int = 1, mcq_fraction: float = 0.5
+) -> Sample:
+    question = None
+    while question is None:
+        scene = random_video_scene(rng)
+        question = random_video_question(rng, scene, kinds)
+    sample = _sample(question, fmt, video_token_relevance(scene, question.about), video=scene.render())
+    sample.meta["scene_relevance"] = video_token_relevance(scene, list(range(len(scene.objects))))
+    sample.meta["turns"] = _more_turns(rng, lambda: random_video_question(rng, scene, kinds), turns, mcq_fraction)
+    return sample
+
+
+def sample_stream(
+    seed: int, video_fraction: float = 0.25, mcq_fraction: float = 0.5, objects=(4, 7), turns: int = 1, kinds=None
+):
+    """An endless seeded stream of training samples (conversations of `turns` questions about one scene)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        fmt = "mcq" if rng.random() < mcq_fraction else "short"
+        if rng.random() < video_fraction:
+            yield video_sample(rng, fmt, turns=turns, mcq_fraction=mcq_fraction)
+        else:
+            yield image_sample(
+                rng, fmt, kinds or IMAGE_QUESTION_TYPES, objects[0], objects[1], turns=turns, mcq_fraction=mcq_fraction
+            )

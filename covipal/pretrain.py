@@ -1,0 +1,55 @@
+"""`python -m covipal.pretrain`: pretrain the tiny model on the tiny world (cached for model=tiny), then score it
+on held-out multiple-choice questions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from covipal.api import build_model
+from covipal.cli import run_hydra_entry, user_errors
+from covipal.errors import CovipalError
+from covipal.evaluation.tiny_world import benchmark_accuracy
+from covipal.models.tiny import TinySpec
+from covipal.pruning.none import NoPruner
+from covipal.training.pretrain import PretrainRecipe
+from covipal.training.tiny_base import tiny_base_checkpoint
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model._target_.endswith("tiny_base.load_tiny"):
+        raise CovipalError("covipal.pretrain builds the tiny model only; use model=tiny")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    spec, recipe = TinySpec(**model_cfg["spec"]), PretrainRecipe(**model_cfg.get("pretrain", {}))
+    start = time.perf_counter()
+    directory = tiny_base_checkpoint(spec, recipe, model_cfg.get("cache_dir"), rebuild=cfg.force)
+    seconds = time.perf_counter() - start
+    loaded = build_model(cfg)
+    metrics = {"checkpoint": str(directory), "pretrain_seconds": seconds}
+    if cfg.eval_questions:
+        metrics["held_out_mcq"] = benchmark_accuracy(loaded, NoPruner(), "TinyWorld_MCQ", cfg.eval_questions)
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"tiny model: {directory} ({seconds:.0f} s)")
+    if "held_out_mcq" in metrics:
+        print(f"held-out multiple choice: {metrics['held_out_mcq']['accuracy']:.3f} on {cfg.eval_questions} questions")
+    return metrics
+
+
+@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    with user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    run_hydra_entry(_main)
+
+
+if __name__ == "__main__":
+    main()

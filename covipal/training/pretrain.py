@@ -1,0 +1,164 @@
+"""Pretraining the tiny LLaVA-OneVision from scratch on the tiny world (vision tower, projector and LLM)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from covipal.data.sample import Sample
+from covipal.data.tiny_world import sample_stream
+from covipal.pruning.oracle import FocusPruner
+from covipal.pruning.session import PruningSession
+
+
+@dataclass
+class PretrainRecipe:
+    steps: int = 800
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    video_fraction: float = 0.25
+    turns: int = 4  # questions per training conversation (one image or video, several answers supervised)
+    mcq_fraction: float = 0.5
+    bf16: bool = False  # bf16 autocast (GPU; no faster than fp32 at the tiny model's size on CPU)
+    seed: int = 0
+    # (fraction of steps from which it applies, min objects, max objects): few objects first
+    curriculum: list = field(default_factory=lambda: [[0.0, 1, 2], [0.2, 2, 3], [0.4, 3, 5], [0.6, 4, 7]])
+    # (fraction of steps from which it applies, visual keep ratio): early steps see the objects' tokens and only a
+    # few background tokens (token dropout through the oracle pruner), so grounding is learned without hundreds of
+    # distracting tokens diluting the gradient; the last phase trains on the full input.
+    focus: list = field(default_factory=lambda: [[0.0, 0.03], [0.6, 0.25], [0.8, 1.0]])
+
+
+def conversation(sample: Sample) -> list[dict]:
+    """Chat messages: the visual input with the first question, then every further turn of `meta["turns"]`."""
+    content = [{"type": "image"}] * len(sample.images) + ([{"type": "video"}] if sample.video is not None else [])
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": sample.question}]}]
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
+    for prompt, answer in sample.meta.get("turns", []):
+        messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def answer_labels(input_ids: torch.Tensor, start_id: int, assistant_id: int, end_id: int) -> torch.Tensor:
+    """Labels that keep only the assistant turns' tokens (answer and its end token); -100 elsewhere."""
+    labels = torch.full_like(input_ids, -100)
+    for row, ids in enumerate(input_ids.tolist()):
+        inside = False
+        for position, token in enumerate(ids):
+            if inside:
+                labels[row, position] = token
+                inside = token != end_id
+            elif token == assistant_id and position > 0 and ids[position - 1] == start_id:
+                inside = True
+    return labels
+
+
+def training_batch(processor, samples: list[Sample]):
+    """Processor outputs for whole conversations, with labels on the assistant answers only."""
+    tokenizer = processor.tokenizer
+    texts = [processor.apply_chat_template(conversation(s), tokenize=False) for s in samples]
+    kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+    if any(s.images for s in samples):
+        kwargs["images"] = [s.images for s in samples]
+    if any(s.video is not None for s in samples):
+        kwargs["videos"] = [s.video for s in samples]
+    batch = dict(processor(**kwargs))
+    ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant", tokenizer.eos_token])
+    batch["labels"] = answer_labels(batch["input_ids"], *ids)
+    return batch
+
+
+def _phase(table: list, steps: int, step: int) -> list:
+    return [row for row in table if row[0] * steps <= step][-1]
+
+
+def _objects_at(recipe: PretrainRecipe, step: int) -> tuple[int, int]:
+    stage = _phase(recipe.curriculum, recipe.steps, step)
+    return int(stage[1]), int(stage[2])
+
+
+def focused_loss(model, batch: dict, samples: list[Sample], keep_ratio: float, seed: int = 0) -> torch.Tensor:
+    """Loss with only the scene's object tokens plus a random `keep_ratio` share of the other visual tokens."""
+    labels = batch.pop("labels")
+    if keep_ratio >= 1.0:
+        return model(**batch, labels=labels).loss
+    with PruningSession(model, FocusPruner(keep_ratio, seed)) as session:
+        session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+        logits = model(**batch).logits
+    kept = session.record.kept
+    if kept is not None:  # labels follow the tokens that stayed
+        labels = torch.where(kept.valid, labels.gather(1, kept.index), torch.full_like(kept.index, -100))
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def batches(processor, recipe: PretrainRecipe):
+    """Seeded batches following the curriculum; image and video samples go in separate batches."""
+    streams = {}
+    for step in range(recipe.steps):
+        objects = _objects_at(recipe, step)
+        if objects not in streams:
+            streams[objects] = (
+                sample_stream(recipe.seed * 1000 + len(streams), 0.0, recipe.mcq_fraction, objects, recipe.turns),
+                sample_stream(recipe.seed * 1000 + 500 + len(streams), 1.0, recipe.mcq_fraction, turns=recipe.turns),
+            )
+        images, videos = streams[objects]
+        video = int((step + 1) * recipe.video_fraction) > int(step * recipe.video_fraction)
+        samples = list(islice(videos if video else images, recipe.batch_size))
+        yield training_batch(processor, samples), samples
+
+
+def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) -> list[dict]:
+    """Train every parameter of `model` on the tiny world; returns the per-step log."""
+    torch.manual_seed(recipe.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def schedule(step: int) -> float:
+        if step < recipe.warmup:
+            return (step + 1) / recipe.warmup
+        progress_ = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    log = []
+    start = time.perf_counter()
+    bar = tqdm(batches(processor, recipe), total=recipe.steps, desc="pretrain", disable=not progress)
+    average = None
+    for step, (batch, samples) in enumerate(bar):
+        device = next(model.parameters()).device
+        keep_ratio = float(_phase(recipe.focus, recipe.steps, step)[1])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+            loss = focused_loss(model, batch, samples, keep_ratio, seed=recipe.seed * 1_000_003 + step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        average = value if average is None else 0.98 * average + 0.02 * value
+        seconds = time.perf_counter() - start
+        log.append(
+            {"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "keep": keep_ratio, "seconds": seconds}
+        )
+        bar.set_postfix(loss=f"{average:.3f}")
+        if not progress and (step + 1) % 50 == 0:
+            print(f"pretrain step {step + 1}/{recipe.steps} loss {average:.3f}", flush=True)
+    model.eval()
+    return log

@@ -1,0 +1,51 @@
+"""The tiny default model: built from its spec and pretrained on the tiny world once, then loaded from the cache
+through `from_pretrained` like any real checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from covipal.models.loading import LoadedModel, cached_directory, load_pretrained, tiny_checkpoint
+from covipal.models.tiny import TinySpec, build_tiny
+from covipal.training.pretrain import PretrainRecipe, pretrain
+
+
+def pretrain_tiny(spec: TinySpec, recipe: PretrainRecipe, directory: Path, progress: bool = True) -> Path:
+    """Build the seeded tiny model in `directory`, pretrain it, and save it over the initial weights."""
+    build_tiny(spec, directory)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(directory)
+    log = pretrain(model, processor, recipe, progress=progress)
+    model.save_pretrained(directory)
+    (directory / "pretrain_recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    (directory / "pretrain_log.json").write_text(json.dumps(log))
+    return directory
+
+
+def tiny_base_checkpoint(
+    spec: TinySpec, recipe: PretrainRecipe, cache_dir: str | Path | None = None, rebuild: bool = False
+) -> Path:
+    """The cached pretrained checkpoint for (spec, recipe); pretrained now if absent. `steps=0` = random init."""
+    if recipe.steps == 0:
+        return tiny_checkpoint(spec, cache_dir)
+    key = {"spec": asdict(spec), "pretrain": asdict(recipe)}
+    build = lambda directory: pretrain_tiny(spec, recipe, directory)  # noqa: E731
+    return cached_directory("tiny-base", key, build, cache_dir, rebuild)
+
+
+def load_tiny(
+    spec: dict | None = None,
+    pretrain: dict | None = None,
+    cache_dir: str | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: str = "float32",
+    device: str = "cpu",
+    ppm: dict | None = None,
+) -> LoadedModel:
+    """Load the tiny model (pretraining it first when the cache lacks it)."""
+    directory = tiny_base_checkpoint(TinySpec(**(spec or {})), PretrainRecipe(**(pretrain or {})), cache_dir)
+    return load_pretrained(str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm)

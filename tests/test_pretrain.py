@@ -1,0 +1,80 @@
+"""Pretraining the tiny model: labels cover the answers only, a short run lowers the loss and is deterministic,
+and the result is cached and loaded through the normal model path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from covipal.data.tiny_world import image_sample
+from covipal.models.tiny import TinySpec, build_tiny
+from covipal.training.pretrain import PretrainRecipe, pretrain, training_batch
+from covipal.training.tiny_base import load_tiny, tiny_base_checkpoint
+
+# The tiny world's geometry (128-px images -> 336 visual tokens) at a width small enough for fast tests.
+SMALL_WORLD = dict(
+    image_size=64,
+    patch_size=8,
+    grid_pinpoints=[[64, 64], [64, 128], [128, 64], [128, 128]],
+    vision_hidden=32,
+    vision_intermediate=64,
+    vision_layers=1,
+    vision_feature_layer=-2,
+    text_hidden=48,
+    text_intermediate=96,
+    text_layers=2,
+    words=["circles", "squares", "triangles", "crosses", "bigger", "letter", "correct", "option", "single"],
+)
+
+
+def small_model(tmp_path, name="m"):
+    directory = build_tiny(TinySpec(**SMALL_WORLD), tmp_path / name)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
+    return model, AutoProcessor.from_pretrained(directory)
+
+
+def test_labels_cover_exactly_the_answers(tmp_path):
+    _, processor = small_model(tmp_path)
+    samples = [image_sample(np.random.default_rng(i), "mcq", turns=3) for i in range(2)]
+    batch = training_batch(processor, samples)
+    tokenizer = processor.tokenizer
+    for row, sample in enumerate(samples):
+        labels = batch["labels"][row]
+        answers = [sample.answer] + [answer for _, answer in sample.meta["turns"]]
+        expected = " ".join(f"{answer} {tokenizer.eos_token}" for answer in answers)
+        assert tokenizer.decode(labels[labels != -100]) == tokenizer.decode(tokenizer(expected.lower()).input_ids)
+        assert int((batch["input_ids"][row] == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 336
+
+
+def test_short_pretraining_lowers_the_loss_and_is_deterministic(tmp_path):
+    recipe = PretrainRecipe(steps=30, batch_size=4, lr=2e-3, warmup=5, turns=2, video_fraction=0.25)
+    model, processor = small_model(tmp_path, "a")
+    log = pretrain(model, processor, recipe, progress=False)
+    losses = [entry["loss"] for entry in log]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    again, _ = small_model(tmp_path, "b")
+    short = PretrainRecipe(steps=3, batch_size=2, turns=2)
+    pretrain(again, processor, short, progress=False)
+    third, _ = small_model(tmp_path, "c")
+    pretrain(third, processor, short, progress=False)
+    for (name, a), b in zip(again.state_dict().items(), third.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_pretrained_checkpoint_is_cached_and_loads_like_real_weights(tmp_path):
+    recipe = PretrainRecipe(steps=2, batch_size=2, turns=1)
+    directory = tiny_base_checkpoint(TinySpec(**SMALL_WORLD), recipe, tmp_path)
+    assert json.loads((directory / "pretrain_recipe.json").read_text())["steps"] == 2
+    assert len(json.loads((directory / "pretrain_log.json").read_text())) == 2
+    stamp = (directory / "model.safetensors").stat().st_mtime_ns
+    loaded = load_tiny(spec=SMALL_WORLD, pretrain={"steps": 2, "batch_size": 2, "turns": 1}, cache_dir=str(tmp_path))
+    assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # not trained again
+    untrained = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        build_tiny(TinySpec(**SMALL_WORLD), tmp_path / "init")
+    )
+    weight = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(loaded.model.state_dict()[weight], untrained.state_dict()[weight])
