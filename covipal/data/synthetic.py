@@ -243,13 +243,18 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
     raise ValueError(kind)
 
 
-def random_image_question(rng, scene: Scene, kinds=IMAGE_QUESTION_TYPES) -> Question | None:
-    """A question of a random kind the scene supports (kinds tried in random order), or None."""
+def first_supported(rng: np.random.Generator, kinds, ask) -> Question | None:
+    """`ask(kind)` for the kinds in random order; the first question that is not None (or None)."""
     for kind in rng.permutation(list(kinds)):
-        question = image_question(rng, scene, str(kind))
+        question = ask(str(kind))
         if question is not None:
             return question
     return None
+
+
+def random_image_question(rng, scene: Scene, kinds=IMAGE_QUESTION_TYPES) -> Question | None:
+    """A question of a random kind the scene supports, or None."""
+    return first_supported(rng, kinds, lambda kind: image_question(rng, scene, kind))
 
 
 # -- videos -----------------------------------------------------------------------------------------------------
@@ -338,11 +343,7 @@ def video_question(rng: np.random.Generator, scene: VideoScene, kind: str) -> Qu
 
 
 def random_video_question(rng, scene: VideoScene, kinds=VIDEO_QUESTION_TYPES) -> Question | None:
-    for kind in rng.permutation(list(kinds)):
-        question = video_question(rng, scene, str(kind))
-        if question is not None:
-            return question
-    return None
+    return first_supported(rng, kinds, lambda kind: video_question(rng, scene, kind))
 
 
 # -- where objects land in the visual token sequence -------------------------------------------------------------
