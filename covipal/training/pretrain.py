@@ -21,7 +21,7 @@ from covipal.pruning.session import PruningSession
 class PretrainRecipe:
     steps: int = 800
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 4e-4
     warmup: int = 50
     weight_decay: float = 0.01
     video_fraction: float = 0.25
