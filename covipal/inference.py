@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from covipal.data.chat import processor_inputs, user_message
 from covipal.data.sample import Sample
 from covipal.models.loading import LoadedModel
 from covipal.pruning.context import Pruner
@@ -24,21 +25,12 @@ class Answer:
 
 
 def build_prompt(processor, sample: Sample) -> str:
-    content = [{"type": "image"}] * len(sample.images)
-    if sample.video is not None:
-        content.append({"type": "video"})
-    content.append({"type": "text", "text": sample.question})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor.apply_chat_template([user_message(sample)], add_generation_prompt=True)
 
 
 def encode(processor, samples: list[Sample], device: torch.device, dtype: torch.dtype):
     """Processor outputs for a batch of samples of one kind, left-padded, on `device`."""
-    kwargs = {"text": [build_prompt(processor, s) for s in samples], "return_tensors": "pt", "padding": True}
-    if any(s.images for s in samples):
-        kwargs["images"] = [s.images for s in samples]
-    if any(s.video is not None for s in samples):
-        kwargs["videos"] = [s.video for s in samples]
-    batch = processor(**kwargs)
+    batch = processor_inputs(processor, [build_prompt(processor, s) for s in samples], samples)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from covipal.data.chat import processor_inputs, user_message
 from covipal.data.sample import Sample
 from covipal.data.tiny_world import sample_stream
 from covipal.pruning.oracle import FocusPruner
@@ -39,8 +40,7 @@ class PretrainRecipe:
 
 def conversation(sample: Sample) -> list[dict]:
     """Chat messages: the visual input with the first question, then every further turn of `meta["turns"]`."""
-    content = [{"type": "image"}] * len(sample.images) + ([{"type": "video"}] if sample.video is not None else [])
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": sample.question}]}]
+    messages = [user_message(sample)]
     messages.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
     for prompt, answer in sample.meta.get("turns", []):
         messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
@@ -66,12 +66,7 @@ def training_batch(processor, samples: list[Sample]):
     """Processor outputs for whole conversations, with labels on the assistant answers only."""
     tokenizer = processor.tokenizer
     texts = [processor.apply_chat_template(conversation(s), tokenize=False) for s in samples]
-    kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-    if any(s.images for s in samples):
-        kwargs["images"] = [s.images for s in samples]
-    if any(s.video is not None for s in samples):
-        kwargs["videos"] = [s.video for s in samples]
-    batch = dict(processor(**kwargs))
+    batch = processor_inputs(processor, texts, samples)
     ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant", tokenizer.eos_token])
     batch["labels"] = answer_labels(batch["input_ids"], *ids)
     return batch
@@ -141,8 +136,8 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
     start = time.perf_counter()
     bar = tqdm(batches(processor, recipe), total=recipe.steps, desc="pretrain", disable=not progress)
     average = None
+    device = next(model.parameters()).device
     for step, (batch, samples) in enumerate(bar):
-        device = next(model.parameters()).device
         keep_ratio = float(_phase(recipe.focus, recipe.steps, step)[1])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
             loss = focused_loss(model, batch, samples, keep_ratio, seed=recipe.seed * 1_000_003 + step)
