@@ -3,12 +3,8 @@ through the same `from_pretrained` path; only where the weights come from differ
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +14,7 @@ from huggingface_hub import constants, snapshot_download
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 from transformers.utils import is_flash_attn_2_available
 
+from covipal.cache import cached_directory
 from covipal.errors import CovipalError
 from covipal.models.tiny import TinySpec, build_tiny
 
@@ -142,35 +139,6 @@ def load_pretrained(
     check_processor_matches(model, processor, name_or_path)
     model.to(target).eval()
     return LoadedModel(model, processor, name or Path(str(name_or_path)).name, dict(ppm) if ppm else None)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("COVIPAL_CACHE", Path.home() / ".cache" / "covipal"))
-
-
-def cached_directory(
-    prefix: str, key: object, build, cache_dir: str | Path | None = None, rebuild: bool = False
-) -> Path:
-    """`<cache>/<prefix>-<hash of key>`, made by `build(directory)` when absent (or when `rebuild`). Building
-    happens in a staging directory that is renamed into place, so a crash never leaves a half-written checkpoint."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()) / f"{prefix}-{digest}"
-    if (directory / "config.json").exists():
-        if not rebuild:
-            return directory
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=directory.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(directory)
-        except OSError:  # another process finished first
-            if not (directory / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:

@@ -11,6 +11,39 @@ import torch
 from torch import nn
 
 
+class _LayerAttention:
+    """Keys of one decoder layer for a whole sequence; query rows on demand."""
+
+    def __init__(self, layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, key_mask: torch.Tensor):
+        self.attn = layer.self_attn
+        if getattr(self.attn, "sliding_window", None):
+            raise NotImplementedError("attention scores of sliding-window layers are not supported")
+        self.rope = sys.modules[type(self.attn).__module__].apply_rotary_pos_emb
+        self.batch, self.length, _ = hidden_states.shape
+        self.head_dim = self.attn.head_dim
+        self.normed = layer.input_layernorm(hidden_states)
+        self.cos, self.sin = (t.expand(self.batch, -1, -1) for t in position_embeddings)
+        key = self.attn.k_proj(self.normed).view(self.batch, self.length, -1, self.head_dim).transpose(1, 2)
+        _, key = self.rope(key, key, self.cos, self.sin)
+        self.key = key.float()
+        self.key_mask = key_mask
+
+    def probabilities(self, query_index: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [B, H, Q, T] (float32) of the query positions `query_index` [B, Q]."""
+        index = query_index[..., None]
+        rows = self.normed.gather(1, index.expand(-1, -1, self.normed.shape[-1]))
+        query = self.attn.q_proj(rows).view(self.batch, rows.shape[1], -1, self.head_dim).transpose(1, 2)
+        row_cos = self.cos.gather(1, index.expand(-1, -1, self.head_dim))
+        row_sin = self.sin.gather(1, index.expand(-1, -1, self.head_dim))
+        query, _ = self.rope(query, query, row_cos, row_sin)
+        key = self.key.repeat_interleave(query.shape[1] // self.key.shape[1], dim=1)
+        scores = torch.matmul(query.float(), key.transpose(-1, -2)) * self.attn.scaling
+        positions = torch.arange(self.length, device=self.key_mask.device)
+        allowed = self.key_mask[:, None, None, :] & (positions[None, None, None, :] <= query_index[:, None, :, None])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
 def attention_rows(
     layer: nn.Module,
     hidden_states: torch.Tensor,
@@ -23,25 +56,32 @@ def attention_rows(
     hidden_states: the layer's input [B, T, D]; position_embeddings: (cos, sin) [B or 1, T, head_dim];
     key_mask: [B, T] bool, False for padding. Causality follows sequence order. Returns float32 [B, H, Q, T].
     """
-    attn = layer.self_attn
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    batch, length, _ = hidden_states.shape
-    head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden_states)
-    rows = normed.gather(1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
-    query = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-    row_cos = cos.gather(1, query_index[..., None].expand(-1, -1, head_dim))
-    row_sin = sin.gather(1, query_index[..., None].expand(-1, -1, head_dim))
-    query, _ = rope(query, query, row_cos, row_sin)
-    _, key = rope(key, key, cos, sin)
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling
-    positions = torch.arange(length, device=key_mask.device)
-    allowed = key_mask[:, None, None, :] & (positions[None, None, None, :] <= query_index[:, None, :, None])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return _LayerAttention(layer, hidden_states, position_embeddings, key_mask).probabilities(query_index)
+
+
+def attention_received(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor,
+    query_mask: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention each key receives [B, T] (float32), summed over heads and over the query rows in `query_mask`.
+
+    Rows are processed `chunk` at a time, so memory stays at [B, H, chunk, T] whatever the sequence length."""
+    scorer = _LayerAttention(layer, hidden_states, position_embeddings, key_mask)
+    batch, length = key_mask.shape
+    total = torch.zeros(batch, length, dtype=torch.float32, device=key_mask.device)
+    weights = query_mask.float()
+    for start in range(0, length, chunk):
+        rows = weights[:, start : start + chunk]
+        if not bool(rows.any()):
+            continue
+        index = torch.arange(start, start + rows.shape[1], device=key_mask.device).expand(batch, -1)
+        probabilities = scorer.probabilities(index)  # [B, H, c, T]
+        total += torch.einsum("bhqt,bq->bt", probabilities, rows)
+    return total
 
 
 def last_real_index(key_mask: torch.Tensor) -> torch.Tensor:

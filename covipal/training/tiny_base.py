@@ -9,7 +9,8 @@ from pathlib import Path
 
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from covipal.models.loading import LoadedModel, cached_directory, load_pretrained, tiny_checkpoint
+from covipal.cache import cached_directory
+from covipal.models.loading import LoadedModel, load_pretrained, tiny_checkpoint
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.training.pretrain import PretrainRecipe, pretrain
 

@@ -1,0 +1,101 @@
+"""`python -m covipal.train stage=1`: train the PPM (stage 1: attention distillation). Defaults: the tiny model on
+the tiny world's training split, a few minutes on CPU. The final PPM lands in `<run dir>/final`, ready for
+`python -m covipal.eval pruner=covipal classifier=<run dir>/final`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from covipal.api import build_model
+from covipal.cli import run_hydra_entry, user_errors
+from covipal.data.conversation import TrainingCollator
+from covipal.data.mixture import mixture
+from covipal.errors import CovipalError
+from covipal.models.loading import LoadedModel
+from covipal.models.ppm import PPMClassifier, PPMConfig
+from covipal.training.loop import LoopConfig, train
+from covipal.training.run_log import RunLog
+from covipal.training.stage1 import Stage1Settings, Stage1Task
+
+STAGES = (1,)
+
+
+def apply_aspect_ratio(loaded: LoadedModel, value: str | None) -> None:
+    """Set the anyres maximum (e.g. anyres_max_2) on this model instance's config and on its processor."""
+    if value:
+        loaded.model.config.vision_aspect_ratio = value
+        loaded.processor.vision_aspect_ratio = value
+
+
+def new_ppm(loaded: LoadedModel, seed: int) -> PPMClassifier:
+    width = loaded.model.config.text_config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PPMClassifier(PPMConfig(input_size=width, **(loaded.ppm or {})))
+
+
+def build_data(cfg: DictConfig):
+    sources = {name: instantiate(node) for name, node in (cfg.data.sources or {}).items()}
+    return mixture(sources)
+
+
+def shared_output_dir(path: str) -> Path:
+    """The main process's run directory, for every process (each computes its own timestamped one)."""
+    holder = [path]
+    if PartialState().num_processes > 1:
+        broadcast_object_list(holder, from_process=0)
+    return Path(holder[0])
+
+
+def run(cfg: DictConfig) -> Path:
+    stage = cfg.stage
+    if stage not in STAGES:
+        raise CovipalError(f"stage={stage} is not available; use stage=1")
+    state = PartialState()
+    output_dir = shared_output_dir(cfg.output_dir)
+    loaded = build_model(cfg)
+    apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))
+    dataset = build_data(cfg)
+    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=False)
+    settings = OmegaConf.to_container(cfg.stage1, resolve=True)
+    lr = settings.pop("lr")
+    task = Stage1Task(loaded.model, new_ppm(loaded, cfg.seed), Stage1Settings(**settings))
+    loop = LoopConfig(lr=lr, **OmegaConf.to_container(cfg.train, resolve=True))
+    log = RunLog(
+        output_dir,
+        enabled=state.is_main_process,
+        wandb_mode=cfg.logger.wandb,
+        project=cfg.logger.project,
+        run_name=cfg.logger.run_name or output_dir.name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    if state.is_main_process:
+        trainable = sum(p.numel() for p in task.trainable.parameters())
+        print(f"stage {stage}: {len(dataset)} samples, PPM {trainable:,} parameters, run dir {output_dir}")
+        (output_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=1))
+    final = train(task, dataset, collate, loop, output_dir, log=log, resume=cfg.resume)
+    if state.is_main_process:
+        print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal classifier={final}")
+    return final
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    with user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    run_hydra_entry(_main)
+
+
+if __name__ == "__main__":
+    main()
