@@ -5,6 +5,7 @@ the tiny world's training split, a few minutes on CPU. The final PPM lands in `<
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import hydra
@@ -35,14 +36,23 @@ def apply_aspect_ratio(loaded: LoadedModel, value: str | None) -> None:
         loaded.processor.vision_aspect_ratio = value
 
 
-def new_ppm(loaded: LoadedModel, seed: int) -> PPMClassifier:
+def new_ppm(loaded: LoadedModel, seed: int, init: str | None = None) -> PPMClassifier:
+    """A seeded PPM sized for the model, or the checkpoint `init` (which must read this model's width)."""
     width = loaded.model.config.text_config.hidden_size
+    if init:
+        try:
+            return PPMClassifier.from_pretrained(Path(init), expected_input_size=width)
+        except (FileNotFoundError, ValueError) as error:
+            raise CovipalError(str(error)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PPMClassifier(PPMConfig(input_size=width, **(loaded.ppm or {})))
 
 
 def build_data(cfg: DictConfig):
+    missing = sorted(OmegaConf.missing_keys(cfg.data))
+    if missing:
+        raise CovipalError(f"data.{missing[0]} is not set; pass data.{missing[0]}=/path/to/your/copy")
     sources = {name: instantiate(node) for name, node in (cfg.data.sources or {}).items()}
     return mixture(sources)
 
@@ -60,14 +70,15 @@ def run(cfg: DictConfig) -> Path:
     if stage not in STAGES:
         raise CovipalError(f"stage={stage} is not available; use stage=1")
     state = PartialState()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     output_dir = shared_output_dir(cfg.output_dir)
     loaded = build_model(cfg)
     apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))
     dataset = build_data(cfg)
     collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=False)
     settings = OmegaConf.to_container(cfg.stage1, resolve=True)
-    lr = settings.pop("lr")
-    task = Stage1Task(loaded.model, new_ppm(loaded, cfg.seed), Stage1Settings(**settings))
+    lr, init = settings.pop("lr"), settings.pop("init")
+    task = Stage1Task(loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings))
     loop = LoopConfig(lr=lr, **OmegaConf.to_container(cfg.train, resolve=True))
     log = RunLog(
         output_dir,

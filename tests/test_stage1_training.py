@@ -105,7 +105,10 @@ def test_two_processes_equal_one(tiny_dir, data_cache, tmp_path):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         result = subprocess.run(
             [*command, str(WORKER), str(tiny_dir), data_cache, str(out), "3"],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = out / "final"

@@ -25,6 +25,7 @@ class Conversation:
     images: list = field(default_factory=list)
     video: np.ndarray | None = None  # [F, H, W, 3] uint8
     id: str = ""
+    skipped: list[str] = field(default_factory=list)  # unreadable samples this one stands in for
 
     def messages(self) -> list[dict]:
         """Chat messages in transformers' format."""
@@ -57,6 +58,9 @@ def answer_labels(input_ids: torch.Tensor, start_id: int, assistant_id: int, end
     return labels
 
 
+SKIPPED = "skipped_samples"  # batch key: unreadable samples replaced in this batch (not a model input)
+
+
 class TrainingCollator:
     """Conversations → one left-padded processor batch with answer-only `labels`, truncated to `max_length`."""
 
@@ -82,6 +86,7 @@ class TrainingCollator:
         if videos:
             kwargs["videos"] = videos
         batch = dict(self.processor(**kwargs))
+        batch[SKIPPED] = sum(len(c.skipped) for c in conversations)
         if self.labels:
             batch["labels"] = answer_labels(batch["input_ids"], *self._label_ids)
         if self.max_length is not None and batch["attention_mask"].sum(1).max() > self.max_length:

@@ -13,6 +13,7 @@ subset of LLaVA-Video-178K).
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import av
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from covipal.data.conversation import Conversation
 from covipal.errors import CovipalError
 
+logger = logging.getLogger(__name__)
 PLACEHOLDERS = ("<image>", "<video>")
 
 
@@ -96,8 +98,24 @@ class ConversationDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, item: int) -> Conversation:
-        record = self.records[int(self.index[item])]
-        conversation = Conversation(turns_of(record["conversations"]), id=str(record.get("id", item)))
+        """The item, or — when its image or video cannot be read — the next readable one, with the unreadable
+        ids in `skipped` (the trainer counts them in its log), so one bad file never stops an epoch."""
+        skipped = []
+        for offset in range(len(self.index)):
+            position = (item + offset) % len(self.index)
+            record = self.records[int(self.index[position])]
+            try:
+                conversation = self._read(record, position)
+            except (OSError, ValueError, av.error.FFmpegError) as error:
+                skipped.append(str(record.get("id", position)))
+                logger.warning("skipping unreadable sample %s: %s", skipped[-1], error)
+                continue
+            conversation.skipped = skipped
+            return conversation
+        raise CovipalError(f"no sample of {self.folder} could be read")
+
+    def _read(self, record: dict, position: int) -> Conversation:
+        conversation = Conversation(turns_of(record["conversations"]), id=str(record.get("id", position)))
         if self.kind == "video" and record.get("video"):
             conversation.video = sample_frames(self.folder / record["video"], self.frames)
         elif self.kind == "image" and record.get("image"):

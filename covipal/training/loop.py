@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from covipal.data.conversation import SKIPPED
 from covipal.errors import CovipalError
 from covipal.training.run_log import RunLog
 
@@ -171,6 +172,7 @@ def train(
     log = log or RunLog(output_dir, enabled=accelerator.is_main_process)
     bar = tqdm(total=total, initial=step, desc="train", disable=not (config.progress and accelerator.is_main_process))
     window: dict[str, list[float]] = {}
+    skipped = 0
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -179,6 +181,7 @@ def train(
             batches = accelerator.skip_first_batches(loader, done_in_epoch * config.grad_accum)
         micro = 0
         for batch in batches:
+            skipped += int(batch.pop(SKIPPED, 0))
             with accelerator.accumulate(trainable):
                 with accelerator.autocast():
                     loss, metrics = task.loss(trainable, batch)
@@ -198,6 +201,7 @@ def train(
             row = {key: _mean_across_processes(accelerator, value) for key, value in row.items()}
             window.clear()
             row["lr"] = scheduler.get_last_lr()[0]
+            row["skipped_samples"] = _mean_across_processes(accelerator, float(skipped)) * accelerator.num_processes
             if accelerator.is_main_process:
                 if step % config.log_every == 0 or step == total:
                     log.metrics(step, row)
