@@ -1,5 +1,6 @@
-"""`python -m covipal.train stage=1`: train the PPM (stage 1: attention distillation). Defaults: the tiny model on
-the tiny world's training split, a few minutes on CPU. The final PPM lands in `<run dir>/final`, ready for
+"""`python -m covipal.train stage=1|2`: train the PPM (stage 1: attention distillation; stage 2: end to end through
+the frozen LLM with the soft mask, starting from a stage-1 PPM). Defaults: the tiny model on the tiny world's
+training split, a few minutes on CPU. The final PPM lands in `<run dir>/final`, ready for
 `python -m covipal.eval pruner=covipal classifier=<run dir>/final`."""
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from covipal.data.mixture import mixture
 from covipal.errors import CovipalError
 from covipal.models.loading import LoadedModel
 from covipal.models.ppm import PPMClassifier, PPMConfig
+from covipal.training.diagnostics import RetentionDiagnostics
 from covipal.training.loop import LoopConfig, train
 from covipal.training.run_log import RunLog
 from covipal.training.stage1 import Stage1Settings, Stage1Task
+from covipal.training.stage2 import Stage2Settings, Stage2Task
 
-STAGES = (1,)
+STAGES = (1, 2)
+RANDOM_INIT = "random"
 
 
 def apply_aspect_ratio(loaded: LoadedModel, value: str | None) -> None:
@@ -49,6 +53,24 @@ def new_ppm(loaded: LoadedModel, seed: int, init: str | None = None) -> PPMClass
         return PPMClassifier(PPMConfig(input_size=width, **(loaded.ppm or {})))
 
 
+def build_task(cfg: DictConfig, loaded: LoadedModel):
+    """The stage's task and learning rate. Stage 2 starts from a stage-1 PPM; `stage2.init=random` (the paper's
+    collapse ablation) is the only way to start it from scratch."""
+    if cfg.stage == 1:
+        settings = OmegaConf.to_container(cfg.stage1, resolve=True)
+        lr, init = settings.pop("lr"), settings.pop("init")
+        return Stage1Task(loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings)), lr
+    settings = OmegaConf.to_container(cfg.stage2, resolve=True)
+    lr, init = settings.pop("lr"), settings.pop("init")
+    if init is None:
+        raise CovipalError(
+            "stage 2 starts from a stage-1 PPM: pass stage2.init=<stage-1 run dir>/final "
+            "(or stage2.init=random for the paper's random-initialisation ablation)"
+        )
+    ppm = new_ppm(loaded, cfg.seed, None if init == RANDOM_INIT else init)
+    return Stage2Task(loaded.model, ppm, Stage2Settings(**settings)), lr
+
+
 def build_data(cfg: DictConfig):
     missing = sorted(OmegaConf.missing_keys(cfg.data))
     if missing:
@@ -68,17 +90,15 @@ def shared_output_dir(path: str) -> Path:
 def run(cfg: DictConfig) -> Path:
     stage = cfg.stage
     if stage not in STAGES:
-        raise CovipalError(f"stage={stage} is not available; use stage=1")
+        raise CovipalError(f"stage={stage} is not available; use stage=1 or stage=2")
     state = PartialState()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     output_dir = shared_output_dir(cfg.output_dir)
     loaded = build_model(cfg)
     apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))
     dataset = build_data(cfg)
-    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=False)
-    settings = OmegaConf.to_container(cfg.stage1, resolve=True)
-    lr, init = settings.pop("lr"), settings.pop("init")
-    task = Stage1Task(loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings))
+    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=stage == 2)
+    task, lr = build_task(cfg, loaded)
     loop = LoopConfig(lr=lr, **OmegaConf.to_container(cfg.train, resolve=True))
     log = RunLog(
         output_dir,
@@ -92,7 +112,10 @@ def run(cfg: DictConfig) -> Path:
         trainable = sum(p.numel() for p in task.trainable.parameters())
         print(f"stage {stage}: {len(dataset)} samples, PPM {trainable:,} parameters, run dir {output_dir}")
         (output_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=1))
-    final = train(task, dataset, collate, loop, output_dir, log=log, resume=cfg.resume)
+    diagnostics = RetentionDiagnostics(task, output_dir, log) if stage == 2 and state.is_main_process else None
+    final = train(task, dataset, collate, loop, output_dir, log=log, resume=cfg.resume, on_step=diagnostics)
+    if diagnostics is not None:
+        diagnostics.finish()
     if state.is_main_process:
         print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal classifier={final}")
     return final

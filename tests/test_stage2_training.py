@@ -1,0 +1,171 @@
+"""Stage 2: the regularisers, gradients reach only the PPM, checkpointing keeps the gradients, the CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_tiny
+
+from covipal.data.conversation import Conversation, TrainingCollator
+from covipal.errors import CovipalError
+from covipal.models.ppm import PPMClassifier, PPMConfig
+from covipal.training.stage2 import Stage2Settings, Stage2Task, retention_regularizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_separation_regularizer_by_hand():
+    p = torch.tensor([[0.9, 0.8, 0.3, 0.1, 0.5]])
+    visual = torch.tensor([[True, True, True, True, False]])
+    # r = 0.5 of 4 visual → P_high = {0.9, 0.8}, P_low = {0.3, 0.1}: |1 − (0.85 − 0.2)| = 0.35
+    assert retention_regularizer(p, visual, 0.5, "separation").item() == pytest.approx(0.35)
+    assert retention_regularizer(p, visual, 0.5, "naive").item() == pytest.approx(abs(0.5 - 0.525))
+    binary = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert retention_regularizer(binary, torch.ones(1, 4, dtype=torch.bool), 0.25, "separation").item() == 0
+
+
+def test_bad_settings():
+    with pytest.raises(CovipalError, match="stage2.reserve_ratio=0"):
+        Stage2Settings(reserve_ratio=0)
+    with pytest.raises(CovipalError, match="regularizer='l2'"):
+        Stage2Settings(regularizer="l2")
+
+
+def small_ppm(model) -> PPMClassifier:
+    torch.manual_seed(0)
+    config = PPMConfig(
+        input_size=model.config.text_config.hidden_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+    )
+    return PPMClassifier(config)
+
+
+def training_batch(processor):
+    from conftest import random_image
+
+    conversations = [
+        Conversation([("what colour is it?", "red")], images=[random_image(0, 40, 56)]),
+        Conversation([("how many?", "two"), ("where?", "top left")], images=[random_image(1, 64, 32)]),
+    ]
+    return TrainingCollator(processor)(conversations)
+
+
+def test_only_the_ppm_gets_gradients_and_loss_is_pinned(tiny_dir, processor):
+    model = load_tiny(tiny_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ppm = small_ppm(model)
+    task = Stage2Task(model, ppm, Stage2Settings(k=0.1))
+    batch = training_batch(processor)
+    batch.pop("skipped_samples")
+    loss, metrics = task.loss(ppm, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(PINNED_LOSS, rel=1e-4)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ppm.parameters())
+    assert sum(p.grad.abs().sum() for p in ppm.parameters()) > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert 0 < metrics["p_mean"] < 1 and metrics["ce"] > 0
+
+
+PINNED_LOSS = 8.078798
+
+
+def test_gradient_checkpointing_keeps_the_gradients(tiny_dir, processor):
+    grads = []
+    for checkpointing in (False, True):
+        model = load_tiny(tiny_dir)
+        ppm = small_ppm(model)
+        task = Stage2Task(model, ppm, Stage2Settings(gradient_checkpointing=checkpointing))
+        batch = training_batch(processor)
+        batch.pop("skipped_samples")
+        task.loss(ppm, batch)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ppm.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_k_sweep_runs_self_describing_jobs(tmp_path, tiny_dir):
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    model = load_tiny(tiny_dir)
+    small_ppm(model).save_pretrained(tmp_path / "ppm")
+    small = [
+        "model.pretrain.steps=0",
+        "data.sources.images.images=8",
+        "data.sources.videos.videos=4",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "logger.wandb=disabled",
+        "train.progress=false",
+    ]
+    no_init = subprocess.run(
+        [sys.executable, "-m", "covipal.train", "stage=2", *small, f"hydra.run.dir={tmp_path}/x"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert no_init.returncode == 2 and "stage 2 starts from a stage-1 PPM" in no_init.stderr
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covipal.train",
+            "stage=2",
+            f"stage2.init={tmp_path / 'ppm'}",
+            *small,
+            f"hydra.run.dir={tmp_path}/y",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wrong.returncode == 2 and "trained for LLM width 64 but this model's width is 96" in wrong.stderr
+    # A stage-1 run of the default model gives the init of the sweep.
+    stage1 = subprocess.run(
+        [sys.executable, "-m", "covipal.train", "stage=1", *small, f"hydra.run.dir={tmp_path}/s1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert stage1.returncode == 0, stage1.stderr[-2000:]
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covipal.train",
+            "-m",
+            "stage=2",
+            f"stage2.init={tmp_path}/s1/final",
+            "stage2.k=0.1,0.0001",
+            *small,
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and all("stage2.k=" in job for job in jobs)
+    for job in jobs:
+        rows = [json.loads(line) for line in (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+        assert (tmp_path / "sweep" / job / "retention_probabilities.png").is_file()
