@@ -56,6 +56,8 @@ def new_ppm(loaded: LoadedModel, seed: int, init: str | None = None) -> PPMClass
 def build_task(cfg: DictConfig, loaded: LoadedModel):
     """The stage's task and learning rate. Stage 2 starts from a stage-1 PPM; `stage2.init=random` (the paper's
     collapse ablation) is the only way to start it from scratch."""
+    if OmegaConf.is_missing(cfg.get(f"stage{cfg.stage}", {}), "init"):
+        raise CovipalError(f"stage{cfg.stage}.init is not set; pass stage{cfg.stage}.init=<stage-1 run dir>/final")
     if cfg.stage == 1:
         settings = OmegaConf.to_container(cfg.stage1, resolve=True)
         lr, init = settings.pop("lr"), settings.pop("init")

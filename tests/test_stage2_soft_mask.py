@@ -99,3 +99,27 @@ def test_extreme_scores_stay_finite(tiny_dir, processor, dtype):
     logits[inputs["attention_mask"].bool()].float().square().mean().backward()
     assert torch.isfinite(logits[inputs["attention_mask"].bool()].float()).all()
     assert torch.isfinite(weight.grad)
+
+
+@pytest.mark.slow  # compiles FlexAttention for the vision tower
+def test_flex_backward_on_cpu_is_refused_in_one_line(tiny_dir, processor):
+    model = load_tiny(tiny_dir, "flex_attention").requires_grad_(False)  # frozen, as in stage 2
+    with SoftMaskSession(model, constant(1.0)), pytest.raises(Exception, match="no backward pass on CPU"):
+        model(**make_inputs(processor, "image"))
+
+
+@pytest.mark.gpu
+def test_flex_agrees_with_sdpa_on_gpu(tiny_dir, processor):
+    inputs = {k: v.cuda() for k, v in make_image_batch(processor).items()}
+    mask = inputs["attention_mask"].bool()
+    results = {}
+    for name in ("sdpa", "flex_attention"):
+        model = load_tiny(tiny_dir, name).cuda()
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(model.config.text_config.hidden_size, device="cuda"))
+        with SoftMaskSession(model, lambda embeds, m, w=weight: embeds @ w * 50):
+            logits = model(**inputs).logits
+        logits[mask].square().mean().backward()
+        results[name] = (logits.detach()[mask], weight.grad.clone())
+    torch.testing.assert_close(results["flex_attention"][0], results["sdpa"][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(results["flex_attention"][1], results["sdpa"][1], rtol=1e-3, atol=1e-5)

@@ -107,3 +107,13 @@ def test_bad_input_ends_in_one_line(env, tmp_path, args, message):
     result = run("covipal.train", [*small, f"hydra.run.dir={tmp_path}", *args], env, tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+
+
+def test_paper_stage2_settings():
+    for name, model in (("stage2_llava_ov", "llava_ov"), ("stage2_llava_video", "llava_video")):
+        cfg = api.compose("train", [f"experiment={name}"])
+        assert cfg.stage == 2 and cfg.model.name == model
+        assert (cfg.stage2.lr, cfg.stage2.k, cfg.stage2.reserve_ratio) == (5e-6, 0.01, 0.25)
+        assert cfg.train.precision == "bf16" and cfg.stage2.regularizer == "separation"
+    video = api.compose("train", ["experiment=stage2_llava_video"])
+    assert (video.data.sources.academic.fraction, video.data.sources.academic.frames) == (0.2, 8)

@@ -53,6 +53,7 @@ class SoftMaskSession:
                 f"stage 2 needs a per-key attention bias, which {backend} cannot take; use "
                 f"model.attn_implementation= one of {', '.join(BACKENDS)}"
             )
+        self.backend = backend
         self._handles: list = []
         self._visual: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -87,6 +88,11 @@ class SoftMaskSession:
         if cache is not None and cache.get_seq_length() > 0:
             raise CovipalError("the stage-2 soft mask is for training forwards, not for decoding with a cache")
         embeds = kwargs["inputs_embeds"]
+        if self.backend == "flex_attention" and embeds.device.type == "cpu" and torch.is_grad_enabled():
+            raise CovipalError(
+                "FlexAttention has no backward pass on CPU in this torch build; train stage 2 with "
+                "model.attn_implementation=sdpa (or eager) here, flex_attention on a GPU"
+            )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise CovipalError("stage 2 needs a 2D attention_mask (padding mask)")
