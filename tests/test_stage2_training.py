@@ -108,59 +108,19 @@ def test_k_sweep_runs_self_describing_jobs(tmp_path, tiny_dir):
         "logger.wandb=disabled",
         "train.progress=false",
     ]
-    no_init = subprocess.run(
-        [sys.executable, "-m", "covipal.train", "stage=2", *small, f"hydra.run.dir={tmp_path}/x"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def train(*args):
+        command = [sys.executable, "-m", "covipal.train", *args, *small]
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+
+    no_init = train("stage=2", f"hydra.run.dir={tmp_path}/x")
     assert no_init.returncode == 2 and "stage 2 starts from a stage-1 PPM" in no_init.stderr
-    wrong = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "covipal.train",
-            "stage=2",
-            f"stage2.init={tmp_path / 'ppm'}",
-            *small,
-            f"hydra.run.dir={tmp_path}/y",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    wrong = train("stage=2", f"stage2.init={tmp_path / 'ppm'}", f"hydra.run.dir={tmp_path}/y")
     assert wrong.returncode == 2 and "trained for LLM width 64 but this model's width is 96" in wrong.stderr
-    # A stage-1 run of the default model gives the init of the sweep.
-    stage1 = subprocess.run(
-        [sys.executable, "-m", "covipal.train", "stage=1", *small, f"hydra.run.dir={tmp_path}/s1"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    stage1 = train("stage=1", f"hydra.run.dir={tmp_path}/s1")  # the init of the sweep
     assert stage1.returncode == 0, stage1.stderr[-2000:]
-    sweep = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "covipal.train",
-            "-m",
-            "stage=2",
-            f"stage2.init={tmp_path}/s1/final",
-            "stage2.k=0.1,0.0001",
-            *small,
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    sweep = train(
+        "-m", "stage=2", f"stage2.init={tmp_path}/s1/final", "stage2.k=0.1,0.0001", f"hydra.sweep.dir={tmp_path}/sweep"
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from covipal.data.chat import processor_inputs, user_message
+from covipal.data.conversation import answer_labels
 from covipal.data.sample import Sample
 from covipal.data.tiny_world import sample_stream
 from covipal.pruning.oracle import FocusPruner
@@ -46,20 +47,6 @@ def conversation(sample: Sample) -> list[dict]:
         messages.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
-
-
-def answer_labels(input_ids: torch.Tensor, start_id: int, assistant_id: int, end_id: int) -> torch.Tensor:
-    """Labels that keep only the assistant turns' tokens (answer and its end token); -100 elsewhere."""
-    labels = torch.full_like(input_ids, -100)
-    for row, ids in enumerate(input_ids.tolist()):
-        inside = False
-        for position, token in enumerate(ids):
-            if inside:
-                labels[row, position] = token
-                inside = token != end_id
-            elif token == assistant_id and position > 0 and ids[position - 1] == start_id:
-                inside = True
-    return labels
 
 
 def training_batch(processor, samples: list[Sample]):
