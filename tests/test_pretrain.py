@@ -25,7 +25,7 @@ SMALL_WORLD = dict(
     vision_feature_layer=-2,
     text_hidden=48,
     text_intermediate=96,
-    text_layers=2,
+    text_layers=3,  # the grounding terms use layers 0, 1 and 2
     words=["circles", "squares", "triangles", "crosses", "bigger", "letter", "correct", "option", "single"],
 )
 
@@ -71,7 +71,11 @@ def test_pretrained_checkpoint_is_cached_and_loads_like_real_weights(tmp_path):
     assert json.loads((directory / "pretrain_recipe.json").read_text())["steps"] == 2
     assert len(json.loads((directory / "pretrain_log.json").read_text())) == 2
     stamp = (directory / "model.safetensors").stat().st_mtime_ns
-    loaded = load_tiny(spec=SMALL_WORLD, pretrain={"steps": 2, "batch_size": 2, "turns": 1}, cache_dir=str(tmp_path))
+    loaded = load_tiny(
+        spec=SMALL_WORLD,
+        pretrain={"steps": 2, "batch_size": 2, "turns": 1},
+        cache_dir=str(tmp_path),
+    )
     assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # not trained again
     untrained = LlavaOnevisionForConditionalGeneration.from_pretrained(
         build_tiny(TinySpec(**SMALL_WORLD), tmp_path / "init")

@@ -19,7 +19,7 @@ from workers.stage1_run import main as run_stage1
 from covipal.training.loop import latest_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "stage1_run.py"
-PINNED_LOSSES = [26.0995, 27.6140]  # first two steps of the reference run (seed 0)
+PINNED_LOSSES = [31.451313018798828, 25.017751693725586]  # fixed seeds, generator version 2
 
 
 def ppm_weights(directory: Path) -> dict[str, torch.Tensor]:

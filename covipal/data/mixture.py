@@ -9,6 +9,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from covipal.cache import cached_directory
 from covipal.data.export import write_training_split
 from covipal.data.sources import llava_next, llava_video
+from covipal.data.synthetic import GENERATOR_VERSION
 from covipal.errors import CovipalError
 
 
@@ -23,7 +24,7 @@ def mixture(sources: dict | list) -> ConcatDataset:
 
 def tiny_world_split(images: int, videos: int, seed: int = 0, cache_dir: str | None = None) -> Path:
     """The tiny world's training split in the released layouts, generated once into the cache."""
-    key = {"images": images, "videos": videos, "seed": seed}
+    key = {"images": images, "videos": videos, "seed": seed, "generator": GENERATOR_VERSION}
     build = lambda directory: write_training_split(directory, images, videos, seed)  # noqa: E731
     return cached_directory("tiny-world-train", key, build, cache_dir)
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+# Bump when what the generator produces changes: cached training splits and pretrained tiny models are keyed by it.
+GENERATOR_VERSION = 2
+
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
     "blue": (40, 70, 230),
     "yellow": (240, 220, 30),
-    "purple": (150, 40, 190),
-    "orange": (250, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -33,6 +34,8 @@ QUADRANT_TINTS = (70, 110, 150, 190)
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 TIMES = ("beginning", "middle", "end")
 LETTERS = "ABCD"
+# The words by which questions pick out objects (what a question row is taught to read in pretraining).
+KEY_WORDS = (*COLOURS, *SHAPES, *PLURALS.values(), "top", "bottom", "left", "right", "bigger", "first", "moving")
 
 IMAGE_SIZE = 128
 CELL = 8
@@ -159,18 +162,18 @@ def random_scene(rng: np.random.Generator, min_objects: int = 4, max_objects: in
 
 
 def _options(rng: np.random.Generator, answer: str, pool, preferred=()) -> list[str]:
-    """Four shuffled options: the answer, then distractors drawn first from `preferred` (present in the scene)."""
+    """Four options in the pool's own order (as benchmarks list numbers, places or colours): the answer, then
+    distractors drawn first from `preferred` (present in the scene) when the pool has more than four."""
     others = [x for x in dict.fromkeys(preferred) if x != answer]
     rng.shuffle(others)
     rest = [x for x in pool if x != answer and x not in others]
     rng.shuffle(rest)
-    options = [answer, *(others + rest)[:3]]
-    rng.shuffle(options)
-    return options
+    chosen = {answer, *(others + rest)[:3]}
+    return [x for x in pool if x in chosen]
 
 
 def _yes_no(rng: np.random.Generator, answer: str) -> list[str]:
-    return ["yes", "no"] if rng.random() < 0.5 else ["no", "yes"]
+    return ["yes", "no"]
 
 
 def _unique(objects: list[SceneObject], key) -> list[int]:
@@ -202,9 +205,7 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
         if not candidates:
             return None
         i = int(rng.choice(candidates))
-        options = list(QUADRANTS)
-        rng.shuffle(options)
-        return Question(kind, f"where is the {objs[i].name}?", objs[i].quadrant, options, [i])
+        return Question(kind, f"where is the {objs[i].name}?", objs[i].quadrant, list(QUADRANTS), [i])
     if kind == "counting":
         if rng.random() < 0.5:
             colour = str(rng.choice(present_colours))
@@ -329,9 +330,7 @@ def video_question(rng: np.random.Generator, scene: VideoScene, kind: str) -> Qu
         return Question(kind, q, answer, _options(rng, answer, COLOURS, colours), list(range(len(objs))))
     if kind == "when_appears":
         i = int(rng.integers(len(objs)))
-        options = [*TIMES, "never"]
-        rng.shuffle(options)
-        return Question(kind, f"when does the {objs[i].name} appear?", when(objs[i]), options, [i])
+        return Question(kind, f"when does the {objs[i].name} appear?", when(objs[i]), [*TIMES, "never"], [i])
     if kind == "moving_object":
         movers = [i for i, o in enumerate(objs) if o.dx and o.end > o.start]
         if len(movers) != 1:

@@ -24,14 +24,17 @@ def _sample(question: Question, fmt: str, relevance: np.ndarray, **visual) -> Sa
     return Sample(prompt, answer=answer, relevance=relevance, meta=meta, **visual)
 
 
-def _more_turns(rng, ask, turns: int, mcq_fraction: float) -> list[tuple[str, str]]:
-    """Further (prompt, answer) turns about the same scene, for multi-turn training conversations."""
-    extra = []
+def _add_turns(sample: Sample, rng, ask, relevance, turns: int, mcq_fraction: float) -> None:
+    """Further (prompt, answer) turns about the same scene in `meta["turns"]`, for multi-turn training
+    conversations, and every turn's relevance mask (the first question's included) in `meta["turn_relevance"]`."""
+    extra, masks = [], [sample.relevance]
     for _ in range(turns - 1):
         question = ask()
         if question is not None:
             extra.append(question.mcq() if rng.random() < mcq_fraction else question.short())
-    return extra
+            masks.append(relevance(question.about))
+    sample.meta["turns"] = extra
+    sample.meta["turn_relevance"] = masks
 
 
 def image_sample(
@@ -50,7 +53,8 @@ def image_sample(
         question = random_image_question(rng, scene, kinds)
     sample = _sample(question, fmt, image_token_relevance(scene, question.about), images=[scene.render()])
     sample.meta["scene_relevance"] = image_token_relevance(scene, list(range(len(scene.objects))))
-    sample.meta["turns"] = _more_turns(rng, lambda: random_image_question(rng, scene, kinds), turns, mcq_fraction)
+    ask = lambda: random_image_question(rng, scene, kinds)  # noqa: E731
+    _add_turns(sample, rng, ask, lambda about: image_token_relevance(scene, about), turns, mcq_fraction)
     return sample
 
 
@@ -63,7 +67,8 @@ def video_sample(
         question = random_video_question(rng, scene, kinds)
     sample = _sample(question, fmt, video_token_relevance(scene, question.about), video=scene.render())
     sample.meta["scene_relevance"] = video_token_relevance(scene, list(range(len(scene.objects))))
-    sample.meta["turns"] = _more_turns(rng, lambda: random_video_question(rng, scene, kinds), turns, mcq_fraction)
+    ask = lambda: random_video_question(rng, scene, kinds)  # noqa: E731
+    _add_turns(sample, rng, ask, lambda about: video_token_relevance(scene, about), turns, mcq_fraction)
     return sample
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,9 +15,12 @@ from tqdm.auto import tqdm
 from covipal.data.chat import processor_inputs, user_message
 from covipal.data.conversation import answer_labels
 from covipal.data.sample import Sample
+from covipal.data.synthetic import KEY_WORDS
 from covipal.data.tiny_world import sample_stream
+from covipal.errors import CovipalError
 from covipal.pruning.oracle import FocusPruner
 from covipal.pruning.session import PruningSession
+from covipal.training.grounding import LayerInputCapture, answer_query_rows, grounding_losses, turn_relevance
 
 
 @dataclass
@@ -37,6 +41,10 @@ class PretrainRecipe:
     # few background tokens (token dropout through the oracle pruner), so grounding is learned without hundreds of
     # distracting tokens diluting the gradient; the last phase trains on the full input.
     focus: list = field(default_factory=lambda: [[0.0, 0.03], [0.6, 0.25], [0.8, 1.0]])
+    # attention supervision (covipal/training/grounding.py): weight of its three terms, and the decoder layer l at
+    # which each question row looks at its objects' tokens (key words at l-1, answer rows recall it at l+1)
+    grounding_weight: float = 1.0
+    grounding_layer: int = 1
 
 
 def conversation(sample: Sample) -> list[dict]:
@@ -68,20 +76,49 @@ def _objects_at(recipe: PretrainRecipe, step: int) -> tuple[int, int]:
     return int(stage[1]), int(stage[2])
 
 
-def focused_loss(model, batch: dict, samples: list[Sample], keep_ratio: float, seed: int = 0) -> torch.Tensor:
-    """Loss with only the scene's object tokens plus a random `keep_ratio` share of the other visual tokens."""
+def grounding_token_ids(tokenizer) -> dict:
+    """Token ids the grounding terms need: role, message end, question mark and the key words."""
+    user, end, mark = tokenizer.convert_tokens_to_ids(["user", tokenizer.eos_token, "?"])
+    return {
+        "user": user,
+        "end": end,
+        "mark": mark,
+        "keywords": torch.tensor(tokenizer.convert_tokens_to_ids(KEY_WORDS)),
+    }
+
+
+def pretraining_loss(
+    model, batch: dict, samples: list[Sample], keep_ratio: float, recipe: PretrainRecipe, ids: dict, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer cross-entropy, sum of the grounding terms) with only the scene's object tokens plus a random
+    `keep_ratio` share of the other visual tokens (token dropout through the pruning session; 1 = the full input).
+    `ids`: `grounding_token_ids(tokenizer)`."""
     labels = batch.pop("labels")
-    if keep_ratio >= 1.0:
-        return model(**batch, labels=labels).loss
-    with PruningSession(model, FocusPruner(keep_ratio, seed)) as session:
-        session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+    config = model.config
+    input_ids = batch["input_ids"]
+    visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+    layer = recipe.grounding_layer
+    with contextlib.ExitStack() as stack:
+        captures = tuple(
+            stack.enter_context(LayerInputCapture(model, index)) for index in (layer - 1, layer, layer + 1)
+        )
+        session = None
+        if keep_ratio < 1.0:
+            session = stack.enter_context(PruningSession(model, FocusPruner(keep_ratio, seed)))
+            session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
         logits = model(**batch).logits
-    kept = session.record.kept
+    kept = session.record.kept if session is not None else None
+    grounding = logits.new_zeros(())
+    if recipe.grounding_weight:
+        relevance = turn_relevance(visual, [s.meta.get("turn_relevance", [s.relevance]) for s in samples])
+        mask = batch["attention_mask"].bool()
+        grounding = sum(grounding_losses(captures, input_ids, mask, answer_query_rows(labels), relevance, ids, kept))
     if kept is not None:  # labels follow the tokens that stayed
         labels = torch.where(kept.valid, labels.gather(1, kept.index), torch.full_like(kept.index, -100))
-    return F.cross_entropy(
+    answer = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
     )
+    return answer, grounding
 
 
 def batches(processor, recipe: PretrainRecipe):
@@ -102,6 +139,13 @@ def batches(processor, recipe: PretrainRecipe):
 
 def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) -> list[dict]:
     """Train every parameter of `model` on the tiny world; returns the per-step log."""
+    layers = model.config.text_config.num_hidden_layers
+    if recipe.grounding_weight and not 1 <= recipe.grounding_layer <= layers - 2:
+        raise CovipalError(
+            f"pretrain.grounding_layer={recipe.grounding_layer} but it needs a layer before and after it among the "
+            f"LLM's layers 0..{layers - 1}; pick one of 1..{layers - 2}"
+        )
+    ids = grounding_token_ids(processor.tokenizer)
     torch.manual_seed(recipe.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -127,20 +171,34 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
     for step, (batch, samples) in enumerate(bar):
         keep_ratio = float(_phase(recipe.focus, recipe.steps, step)[1])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss = focused_loss(model, batch, samples, keep_ratio, seed=recipe.seed * 1_000_003 + step)
+            answer, grounding = pretraining_loss(
+                model, batch, samples, keep_ratio, recipe, ids, seed=recipe.seed * 1_000_003 + step
+            )
+            loss = answer + recipe.grounding_weight * grounding
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
-        average = value if average is None else 0.98 * average + 0.02 * value
+        value, ground = answer.item(), grounding.item()
+        average = (
+            (value, ground) if average is None else tuple(0.98 * a + 0.02 * v for a, v in zip(average, (value, ground)))
+        )
         seconds = time.perf_counter() - start
         log.append(
-            {"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "keep": keep_ratio, "seconds": seconds}
+            {
+                "step": step,
+                "loss": value,
+                "grounding": ground,
+                "lr": scheduler.get_last_lr()[0],
+                "keep": keep_ratio,
+                "seconds": seconds,
+            }
         )
-        bar.set_postfix(loss=f"{average:.3f}")
+        bar.set_postfix(loss=f"{average[0]:.3f}", grounding=f"{average[1]:.3f}")
         if not progress and (step + 1) % 50 == 0:
-            print(f"pretrain step {step + 1}/{recipe.steps} loss {average:.3f}", flush=True)
+            print(
+                f"pretrain step {step + 1}/{recipe.steps} loss {average[0]:.3f} grounding {average[1]:.3f}", flush=True
+            )
     model.eval()
     return log

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from covipal.cache import cached_directory
+from covipal.data.synthetic import GENERATOR_VERSION
 from covipal.models.loading import LoadedModel, load_pretrained, tiny_checkpoint
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.training.pretrain import PretrainRecipe, pretrain
@@ -33,7 +34,7 @@ def tiny_base_checkpoint(
     """The cached pretrained checkpoint for (spec, recipe); pretrained now if absent. `steps=0` = random init."""
     if recipe.steps == 0:
         return tiny_checkpoint(spec, cache_dir)
-    key = {"spec": asdict(spec), "pretrain": asdict(recipe)}
+    key = {"spec": asdict(spec), "pretrain": asdict(recipe), "generator": GENERATOR_VERSION}
     build = lambda directory: pretrain_tiny(spec, recipe, directory)  # noqa: E731
     return cached_directory("tiny-base", key, build, cache_dir, rebuild)
 

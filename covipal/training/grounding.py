@@ -1,0 +1,165 @@
+"""Attention supervision for pretraining the tiny model from scratch: three attention targets that lay out the path
+from a question to the visual tokens it is about, so grounding is learned in CPU-minutes.
+
+Without them a model trained from scratch barely learns to ground: among hundreds of visual tokens the gradient
+reaching the few that matter is too diluted, and at deeper layers the visual tokens have already mixed with each
+other. So, for every question of a training conversation (its last "?" is its *question row*):
+  1. at layer l-1 the question row attends to its question's key words (colours, shapes, places, …);
+  2. at layer l it attends to the visual tokens of the objects the question is about (a share of all its
+     attention, not only of its attention to the image, so what it reads there reaches it);
+  3. at layer l+1 the row that predicts the answer attends to its question row.
+Each term is −log(the share of the row's attention, averaged over heads, that falls on its targets among the
+allowed columns). The answer itself is still learned from the answer cross-entropy only; the model's last token
+(what FastV reads) is not told where to look in the image. Attention rows are recomputed from each layer's input
+(`pruning.scoring.attention_rows`), so this works on sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from covipal.pruning.scoring import attention_rows
+from covipal.pruning.sequence import Compaction
+
+_MARK = "_covipal_layer_input_capture"
+
+
+class LayerInputCapture:
+    """`with LayerInputCapture(model, layer) as capture: model(...)` keeps decoder `layer`'s input
+    (hidden states and rotary embeddings) of the last forward in `capture.hidden` / `capture.position_embeddings`."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        multimodal = model.model if hasattr(model, "lm_head") else model
+        self.model = model
+        self.layer = multimodal.language_model.layers[layer]
+        self.hidden: torch.Tensor | None = None
+        self.position_embeddings = None
+        self._handle = None
+
+    def __enter__(self) -> LayerInputCapture:
+        if getattr(self.layer, _MARK, None) is not None:
+            raise RuntimeError("a layer-input capture is already installed on this layer")
+        setattr(self.layer, _MARK, self)
+        self._handle = self.layer.register_forward_pre_hook(self._capture, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        delattr(self.layer, _MARK)
+
+    def _capture(self, module, args, kwargs):
+        self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.position_embeddings = kwargs["position_embeddings"]
+
+
+def answer_query_rows(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] long: for the row that predicts the first token of a supervised answer, that answer's turn number
+    (0, 1, …); -1 elsewhere."""
+    supervised = labels != -100
+    starts = supervised[:, 1:] & ~supervised[:, :-1]  # label position p starts an answer -> row p-1 predicts it
+    rows = torch.zeros_like(supervised)
+    rows[:, :-1] = starts
+    turn = rows.long().cumsum(1) - 1
+    return torch.where(rows, turn, torch.full_like(turn, -1))
+
+
+def turn_relevance(visual: torch.Tensor, masks: list[list]) -> torch.Tensor:
+    """[B, turns, T] bool: sequence positions of each turn's relevant visual tokens, from per-sample lists of
+    masks over the sample's visual tokens (in order)."""
+    turns = max((len(m) for m in masks), default=0)
+    out = torch.zeros(visual.shape[0], max(turns, 1), visual.shape[1], dtype=torch.bool, device=visual.device)
+    for row, sample_masks in enumerate(masks):
+        positions = visual[row].nonzero().squeeze(1)
+        for turn, marks in enumerate(sample_masks):
+            marks = torch.as_tensor(marks, dtype=torch.bool, device=visual.device)
+            if len(marks) == len(positions):
+                out[row, turn, positions[marks]] = True
+    return out
+
+
+def question_tokens(input_ids: torch.Tensor, query_turn: torch.Tensor, user_id: int, end_id: int) -> torch.Tensor:
+    """[B, turns, T] bool: for each answer row's turn, the tokens of the user message it answers (after the "user"
+    role token, up to the message's end token; visual placeholders included — mask them as needed)."""
+    turns = max(int(query_turn.max()) + 1, 1)
+    out = torch.zeros(input_ids.shape[0], turns, input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+    for row, ids in enumerate(input_ids.tolist()):
+        spans, start = [], None
+        for position, token in enumerate(ids):
+            if token == user_id:
+                start = position + 1
+            elif token == end_id and start is not None:
+                spans.append((start, position))
+                start = None
+        for query in (query_turn[row] >= 0).nonzero().squeeze(1).tolist():
+            before = [span for span in spans if span[1] < query]
+            if before:
+                out[row, int(query_turn[row, query]), before[-1][0] : before[-1][1]] = True
+    return out
+
+
+def attention_share_loss(
+    capture: LayerInputCapture,
+    key_mask: torch.Tensor,
+    allowed: torch.Tensor,
+    query_turn: torch.Tensor,
+    targets: torch.Tensor,
+    kept: Compaction | None = None,
+) -> torch.Tensor:
+    """Mean over query rows (`query_turn` >= 0) of −log(share of the row's attention on the `allowed` columns,
+    averaged over heads, that falls on its turn's `targets` columns). All [B, T] / [B, turns, T] arguments are in
+    original sequence positions; `kept` maps them to the rows the LLM ran on when tokens were dropped."""
+    if kept is not None:
+        key_mask, allowed = kept.gather_mask(key_mask), kept.gather_mask(allowed)
+        query_turn = torch.where(kept.valid, kept.gather(query_turn), torch.full_like(kept.index, -1))
+        index = kept.index[:, None, :].expand(-1, targets.shape[1], -1)
+        targets = targets.gather(2, index) & kept.valid[:, None, :]
+    width = int((query_turn >= 0).sum(1).max())
+    if width == 0:
+        return capture.hidden.new_zeros(())
+    order = torch.sort((query_turn < 0).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    turns = query_turn.gather(1, order)  # [B, Q], -1 = padding
+    wanted = targets.gather(1, turns.clamp(min=0)[..., None].expand(-1, -1, targets.shape[2]))  # [B, Q, T]
+    valid = (turns >= 0) & wanted.any(-1)
+    probabilities = attention_rows(capture.layer, capture.hidden, capture.position_embeddings, key_mask, order)
+    mean = probabilities.mean(1)  # [B, Q, T]
+    on_allowed = (mean * allowed[:, None, :]).sum(-1)
+    on_targets = (mean * (wanted & allowed[:, None, :])).sum(-1)
+    losses = -torch.log(on_targets / on_allowed.clamp(min=1e-12) + 1e-6)
+    return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+
+def question_rows(input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int) -> torch.Tensor:
+    """[B, T] long: at each turn's last `mark_id` ("?") inside its question, that turn's number; -1 elsewhere."""
+    rows = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+    marks = questions & (input_ids == mark_id)[:, None, :]
+    for row, turn in marks.any(-1).nonzero().tolist():
+        rows[row, int(marks[row, turn].nonzero()[-1])] = turn
+    return rows
+
+
+def rows_as_targets(rows: torch.Tensor, turns: int) -> torch.Tensor:
+    """[B, turns, T] bool: each turn's row of `rows` ([B, T] turn numbers) as that turn's only target."""
+    positions = torch.arange(turns, device=rows.device)[None, :, None]
+    return rows[:, None, :] == positions
+
+
+def grounding_losses(
+    captures: tuple[LayerInputCapture, LayerInputCapture, LayerInputCapture],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_rows: torch.Tensor,
+    relevance: torch.Tensor,
+    ids: dict[str, object],
+    kept: Compaction | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three terms (key words, image, question row) for captures at layers l-1, l, l+1. `ids` holds the
+    token ids of "user", the message end, "?" and a tensor of key-word ids."""
+    questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
+    marks = question_rows(input_ids, questions, ids["mark"])
+    keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
+    read = attention_share_loss(captures[0], attention_mask, attention_mask, marks, keywords, kept)
+    look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept)
+    targets = rows_as_targets(marks, questions.shape[1])
+    recall = attention_share_loss(captures[2], attention_mask, attention_mask, answer_rows, targets, kept)
+    return read, look, recall

@@ -1,0 +1,148 @@
+"""Attention supervision in pretraining: the rows and targets are the right tokens, and each of the three terms
+recomputed from a layer's input equals the one read off eager `output_attentions`, with and without dropped
+tokens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from covipal.data.tiny_world import image_sample, video_sample
+from covipal.errors import CovipalError
+from covipal.models.tiny import TinySpec, build_tiny
+from covipal.pruning.oracle import FocusPruner
+from covipal.pruning.session import PruningSession
+from covipal.training.grounding import (
+    LayerInputCapture,
+    answer_query_rows,
+    grounding_losses,
+    question_rows,
+    question_tokens,
+    rows_as_targets,
+    turn_relevance,
+)
+from covipal.training.pretrain import PretrainRecipe, grounding_token_ids, pretrain, training_batch
+from tests.test_pretrain import SMALL_WORLD
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    spec = TinySpec(**{**SMALL_WORLD, "initializer_range": 0.3})
+    directory = build_tiny(spec, tmp_path_factory.mktemp("grounding"))
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory, attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(directory)
+
+
+def test_answer_query_rows_mark_the_token_before_each_answer():
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100, 7, 6], [-100, -100, -100, -100, -100, 9, 6, -100]])
+    assert answer_query_rows(labels).tolist() == [[-1, 0, -1, -1, -1, 1, -1, -1], [-1, -1, -1, -1, 0, -1, -1, -1]]
+
+
+def test_every_turn_has_the_relevance_of_its_own_question():
+    rng = np.random.default_rng(3)
+    for sample in (image_sample(rng, "short", turns=5), video_sample(rng, "mcq", turns=5)):
+        masks = sample.meta["turn_relevance"]
+        assert len(masks) == 1 + len(sample.meta["turns"]) and np.array_equal(masks[0], sample.relevance)
+        for mask in masks:
+            assert mask.any() and not (mask & ~sample.meta["scene_relevance"]).any()
+
+
+def small_batch(processor):
+    samples = [image_sample(np.random.default_rng(5), "mcq", turns=3), image_sample(np.random.default_rng(6), "short")]
+    batch = training_batch(processor, samples)
+    return batch, batch.pop("labels"), samples
+
+
+def test_question_rows_and_key_words_are_those_of_each_turns_question(eager):
+    _, processor = eager
+    batch, labels, samples = small_batch(processor)
+    tokenizer = processor.tokenizer
+    ids = grounding_token_ids(tokenizer)
+    input_ids = batch["input_ids"]
+    answers = answer_query_rows(labels)
+    questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
+    marks = question_rows(input_ids, questions, ids["mark"])
+    for row, sample in enumerate(samples):
+        prompts = [sample.question] + [prompt for prompt, _ in sample.meta["turns"]]
+        for turn, prompt in enumerate(prompts):
+            text = tokenizer.decode(input_ids[row][questions[row, turn]]).replace("<image>", "").split()
+            assert text == tokenizer.decode(tokenizer(prompt.lower()).input_ids).split()
+            (mark,) = (marks[row] == turn).nonzero().squeeze(1).tolist()
+            assert tokenizer.convert_ids_to_tokens(int(input_ids[row, mark])) == "?"
+            assert mark < int((answers[row] == turn).nonzero())  # the question comes before its answer
+            later = questions[row, turn, mark + 1 :] & (input_ids[row, mark + 1 :] == ids["mark"])
+            assert questions[row, turn, mark] and not later.any()  # the question's last "?"
+        assert int((marks[row] >= 0).sum()) == len(prompts)
+    keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
+    for row, turns in enumerate((answers.max(1).values + 1).tolist()):
+        assert keywords[row, :turns].any(-1).all()  # every question names what it is about
+    assert rows_as_targets(marks, questions.shape[1]).sum(-1).max() == 1
+
+
+def reference(attentions, query_turn, allowed, targets, columns=None):
+    """The same loss by loops over rows and columns (`columns[b][j]`: original position of row j, -1 = padding)."""
+    losses = []
+    for b in range(attentions.shape[0]):
+        cols = columns[b] if columns is not None else list(range(attentions.shape[-1]))
+        for j, original in enumerate(cols):
+            if original < 0 or query_turn[b, original] < 0:
+                continue
+            wanted = targets[b, int(query_turn[b, original])]
+            if not any(wanted[c] for c in cols if c >= 0):
+                continue
+            mean = attentions[b, :, j].mean(0)
+            on_allowed = sum(float(mean[k]) for k, c in enumerate(cols) if c >= 0 and allowed[b, c])
+            on_wanted = sum(float(mean[k]) for k, c in enumerate(cols) if c >= 0 and allowed[b, c] and wanted[c])
+            losses.append(-math.log(on_wanted / on_allowed + 1e-6))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_each_term_equals_the_one_from_eager_attention(eager, drop):
+    model, processor = eager
+    batch, labels, samples = small_batch(processor)
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    visual = input_ids == model.config.image_token_id
+    relevance = turn_relevance(visual, [s.meta["turn_relevance"] for s in samples])
+    ids = grounding_token_ids(processor.tokenizer)
+    answers = answer_query_rows(labels)
+    with torch.no_grad():
+        captures = [LayerInputCapture(model, layer) for layer in (0, 1, 2)]
+        for capture in captures:
+            capture.__enter__()
+        try:
+            if drop:
+                with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
+                    session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+                    out = model(**batch, output_attentions=True)
+                kept = session.record.kept
+                assert int(kept.valid.sum()) < int(mask.sum())  # tokens were dropped
+                columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
+            else:
+                out, kept, columns = model(**batch, output_attentions=True), None, None
+            terms = grounding_losses(captures, input_ids, mask, answers, relevance, ids, kept)
+        finally:
+            for capture in captures:
+                capture.__exit__(None, None, None)
+    questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
+    marks = question_rows(input_ids, questions, ids["mark"])
+    keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
+    expected = [
+        reference(out.attentions[0], marks, mask, keywords, columns),
+        reference(out.attentions[1], marks, mask, relevance, columns),
+        reference(out.attentions[2], answers, mask, rows_as_targets(marks, questions.shape[1]), columns),
+    ]
+    assert [t.item() for t in terms] == pytest.approx(expected, rel=1e-5)
+    assert min(expected) > 0.05  # an untrained model does not already attend where it is told to
+
+
+def test_grounding_layer_without_a_layer_on_each_side_is_refused(tmp_path):
+    directory = build_tiny(TinySpec(**SMALL_WORLD), tmp_path / "m")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
+    processor = AutoProcessor.from_pretrained(directory)
+    with pytest.raises(CovipalError, match="grounding_layer=2"):
+        pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_layer=2), progress=False)
