@@ -141,8 +141,10 @@ def test_each_term_equals_the_one_from_eager_attention(eager, drop):
 
 
 def test_grounding_layer_without_a_layer_on_each_side_is_refused(tmp_path):
-    directory = build_tiny(TinySpec(**SMALL_WORLD), tmp_path / "m")
+    directory = build_tiny(TinySpec(**{**SMALL_WORLD, "text_layers": 2}), tmp_path / "m")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
     processor = AutoProcessor.from_pretrained(directory)
-    with pytest.raises(CovipalError, match="grounding_layer=2"):
-        pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_layer=2), progress=False)
+    with pytest.raises(CovipalError, match="grounding_layer=1"):
+        pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_layer=1), progress=False)
+    log = pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_weight=0.0), progress=False)
+    assert log[0]["grounding"] == 0.0 and log[0]["loss"] > 0  # without supervision any depth trains

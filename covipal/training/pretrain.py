@@ -99,9 +99,8 @@ def pretraining_loss(
     visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
     layer = recipe.grounding_layer
     with contextlib.ExitStack() as stack:
-        captures = tuple(
-            stack.enter_context(LayerInputCapture(model, index)) for index in (layer - 1, layer, layer + 1)
-        )
+        layers = (layer - 1, layer, layer + 1) if recipe.grounding_weight else ()
+        captures = tuple(stack.enter_context(LayerInputCapture(model, index)) for index in layers)
         session = None
         if keep_ratio < 1.0:
             session = stack.enter_context(PruningSession(model, FocusPruner(keep_ratio, seed)))
