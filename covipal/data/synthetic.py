@@ -172,10 +172,6 @@ def _options(rng: np.random.Generator, answer: str, pool, preferred=()) -> list[
     return [x for x in pool if x in chosen]
 
 
-def _yes_no(rng: np.random.Generator, answer: str) -> list[str]:
-    return ["yes", "no"]
-
-
 def _unique(objects: list[SceneObject], key) -> list[int]:
     values = [key(o) for o in objects]
     return [i for i, v in enumerate(values) if values.count(v) == 1]
@@ -231,7 +227,7 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
             colour, shape = absent[int(rng.integers(len(absent)))]
         about = [i for i, o in enumerate(objs) if o.colour == colour or o.shape == shape]
         answer = "yes" if any(o.colour == colour and o.shape == shape for o in objs) else "no"
-        return Question(kind, f"is there a {colour} {shape}?", answer, _yes_no(rng, answer), about)
+        return Question(kind, f"is there a {colour} {shape}?", answer, ["yes", "no"], about)
     if kind == "comparison":
         unique = _unique(objs, lambda o: (o.colour, o.shape))
         pairs = [(i, j) for i in unique for j in unique if i != j and objs[i].large != objs[j].large]
@@ -240,7 +236,7 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
         i, j = pairs[int(rng.integers(len(pairs)))]
         answer = "yes" if objs[i].large else "no"
         q = f"is the {objs[i].name} bigger than the {objs[j].name}?"
-        return Question(kind, q, answer, _yes_no(rng, answer), [i, j])
+        return Question(kind, q, answer, ["yes", "no"], [i, j])
     raise ValueError(kind)
 
 
