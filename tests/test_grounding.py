@@ -51,6 +51,13 @@ def test_every_turn_has_the_relevance_of_its_own_question():
             assert mask.any() and not (mask & ~sample.meta["scene_relevance"]).any()
 
 
+def test_a_relevance_mask_of_another_layout_is_refused():
+    visual = torch.tensor([[False, True, True, False]])
+    assert turn_relevance(visual, [[np.array([False, True])]]).tolist() == [[[False, False, True, False]]]
+    with pytest.raises(CovipalError, match="over 3 visual tokens, but the row has 2"):
+        turn_relevance(visual, [[np.array([True, False, True])]])
+
+
 def small_batch(processor):
     samples = [image_sample(np.random.default_rng(5), "mcq", turns=3), image_sample(np.random.default_rng(6), "short")]
     batch = training_batch(processor, samples)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from covipal.errors import CovipalError
 from covipal.pruning.scoring import attention_rows
 from covipal.pruning.sequence import Compaction
 
@@ -31,7 +32,6 @@ class LayerInputCapture:
 
     def __init__(self, model: nn.Module, layer: int):
         multimodal = model.model if hasattr(model, "lm_head") else model
-        self.model = model
         self.layer = multimodal.language_model.layers[layer]
         self.hidden: torch.Tensor | None = None
         self.position_embeddings = None
@@ -73,8 +73,12 @@ def turn_relevance(visual: torch.Tensor, masks: list[list]) -> torch.Tensor:
         positions = visual[row].nonzero().squeeze(1)
         for turn, marks in enumerate(sample_masks):
             marks = torch.as_tensor(marks, dtype=torch.bool, device=visual.device)
-            if len(marks) == len(positions):
-                out[row, turn, positions[marks]] = True
+            if len(marks) != len(positions):
+                raise CovipalError(
+                    f"turn {turn} of row {row} has a relevance mask over {len(marks)} visual tokens, but the row "
+                    f"has {len(positions)}; the mask must come from the same image layout as the model's input"
+                )
+            out[row, turn, positions[marks]] = True
     return out
 
 
