@@ -54,7 +54,7 @@ def test_every_turn_has_the_relevance_of_its_own_question():
 def test_a_relevance_mask_of_another_layout_is_refused():
     visual = torch.tensor([[False, True, True, False]])
     assert turn_relevance(visual, [[np.array([False, True])]]).tolist() == [[[False, False, True, False]]]
-    with pytest.raises(CovipalError, match="over 3 visual tokens, but the row has 2"):
+    with pytest.raises(CovipalError, match="relevance has 3 entries but the sample has 2 visual tokens"):
         turn_relevance(visual, [[np.array([True, False, True])]])
 
 

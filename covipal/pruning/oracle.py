@@ -11,20 +11,25 @@ from covipal.pruning.budget import check_ratio, keep_top_visual, visual_budget
 from covipal.pruning.context import LayerContext
 
 
-def relevance_mask(context: LayerContext) -> torch.Tensor:
-    """[B, T] bool: the visual tokens marked relevant in `context.extras["relevance"]`, in sequence positions."""
-    relevance = context.extras.get("relevance")
-    if relevance is None or len(relevance) != context.visual.shape[0]:
-        raise CovipalError("pruner=oracle needs per-sample relevance masks; it only runs on the synthetic data")
-    mask = torch.zeros_like(context.visual)
+def relevance_positions(visual: torch.Tensor, relevance: list) -> torch.Tensor:
+    """[B, T] bool: per-row masks over each row's visual tokens (in order; None = nothing) in sequence positions."""
+    mask = torch.zeros_like(visual)
     for row, marks in enumerate(relevance):
-        positions = context.visual[row].nonzero().squeeze(1)
+        positions = visual[row].nonzero().squeeze(1)
         if marks is None:
             continue
         if len(marks) != len(positions):
             raise CovipalError(f"relevance has {len(marks)} entries but the sample has {len(positions)} visual tokens")
         mask[row, positions[torch.as_tensor(marks, dtype=torch.bool, device=positions.device)]] = True
     return mask
+
+
+def relevance_mask(context: LayerContext) -> torch.Tensor:
+    """[B, T] bool: the visual tokens marked relevant in `context.extras["relevance"]`, in sequence positions."""
+    relevance = context.extras.get("relevance")
+    if relevance is None or len(relevance) != context.visual.shape[0]:
+        raise CovipalError("pruner=oracle needs per-sample relevance masks; it only runs on the synthetic data")
+    return relevance_positions(context.visual, relevance)
 
 
 class OraclePruner:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from covipal.errors import CovipalError
+from covipal.pruning.oracle import relevance_positions
 from covipal.pruning.scoring import attention_rows
 from covipal.pruning.sequence import Compaction
 
@@ -67,19 +67,9 @@ def answer_query_rows(labels: torch.Tensor) -> torch.Tensor:
 def turn_relevance(visual: torch.Tensor, masks: list[list]) -> torch.Tensor:
     """[B, turns, T] bool: sequence positions of each turn's relevant visual tokens, from per-sample lists of
     masks over the sample's visual tokens (in order)."""
-    turns = max((len(m) for m in masks), default=0)
-    out = torch.zeros(visual.shape[0], max(turns, 1), visual.shape[1], dtype=torch.bool, device=visual.device)
-    for row, sample_masks in enumerate(masks):
-        positions = visual[row].nonzero().squeeze(1)
-        for turn, marks in enumerate(sample_masks):
-            marks = torch.as_tensor(marks, dtype=torch.bool, device=visual.device)
-            if len(marks) != len(positions):
-                raise CovipalError(
-                    f"turn {turn} of row {row} has a relevance mask over {len(marks)} visual tokens, but the row "
-                    f"has {len(positions)}; the mask must come from the same image layout as the model's input"
-                )
-            out[row, turn, positions[marks]] = True
-    return out
+    turns = max(max((len(m) for m in masks), default=0), 1)
+    per_turn = [[m[turn] if turn < len(m) else None for m in masks] for turn in range(turns)]
+    return torch.stack([relevance_positions(visual, rows) for rows in per_turn], dim=1)
 
 
 def question_tokens(input_ids: torch.Tensor, query_turn: torch.Tensor, user_id: int, end_id: int) -> torch.Tensor:
