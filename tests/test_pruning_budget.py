@@ -30,7 +30,7 @@ from covipal.errors import CovipalError
 from covipal.models.ppm import PPMClassifier, PPMConfig
 from covipal.pruning.budget import visual_budget
 from covipal.pruning.covipal import CoViPALPruner
-from covipal.pruning.fastv import FastVPruner
+from covipal.pruning.fastv import FastVPruner, fastv_keep_fraction
 from covipal.pruning.session import PruningSession
 
 MARK = "_covipal_pruning_session"
@@ -215,6 +215,22 @@ def test_fastv_infeasible_ratio_names_a_feasible_setting(sdpa_model, processor):
         model(**inputs)
     assert follow.keep_fraction > 0
     assert session.record.layer_visual_tokens[-1, 0] >= 1
+
+
+def test_fastv_at_r_equal_K_over_L_keeps_one_visual_token_after_K(sdpa_model, processor):
+    """r = K/L (the tiny model's K=1 of 4 layers at 0.25) leaves fraction 0 after K: every later layer takes in
+    the single visual token every budget keeps; a smaller r is refused."""
+    assert fastv_keep_fraction(0.25, 4, 1) == 0.0 and fastv_keep_fraction(0.5, 4, 1) == pytest.approx(1 / 3)
+    with pytest.raises(CovipalError, match=r"reserve_ratio>=0.25"):
+        fastv_keep_fraction(0.24, 4, 1)
+    ratio = 3 / NUM_LAYERS
+    pruner = FastVPruner(ratio, K=3)
+    inputs = get_inputs(processor, "image")
+    with torch.no_grad(), PruningSession(sdpa_model, pruner) as session:
+        sdpa_model(**inputs)
+    assert pruner.keep_fraction == 0.0
+    n_visual = n_visual_of(sdpa_model, inputs)[0]
+    assert session.record.layer_visual_tokens[:, 0].tolist() == [n_visual] * 3 + [1] * (NUM_LAYERS - 3)
 
 
 def test_fastv_K_beyond_depth_raises(sdpa_model):

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from covipal.data.sample import Sample
-from covipal.data.synthetic import YES_NO_TYPES
+from covipal.data.synthetic import CHOICE_TYPES, YES_NO_TYPES
 from covipal.data.tiny_world import image_sample, video_sample
 
 BENCHMARK_SEED = 10_000_000
@@ -94,12 +94,11 @@ def benchmark_samples(name: str, count: int, seed: int = BENCHMARK_SEED) -> list
     offsets = {"TinyWorld_MCQ": 0, "TinyWorld_YN": 1, "TinyWorld_VQA": 2, "TinyWorld_Video_MCQ": 3}
     rng = np.random.default_rng(seed + offsets[name])
     if name == "TinyWorld_MCQ":
-        return [image_sample(rng, "mcq") for _ in range(count)]
+        return [image_sample(rng, "mcq", kinds=CHOICE_TYPES) for _ in range(count)]
     if name == "TinyWorld_YN":
         return [image_sample(rng, "short", kinds=YES_NO_TYPES) for _ in range(count)]
     if name == "TinyWorld_VQA":
-        kinds = ("attribute_at_location", "location_of_attribute", "counting")
-        return [image_sample(rng, "short", kinds=kinds) for _ in range(count)]
+        return [image_sample(rng, "short", kinds=CHOICE_TYPES) for _ in range(count)]
     if name == "TinyWorld_Video_MCQ":
         return [video_sample(rng, "mcq") for _ in range(count)]
     raise ValueError(f"unknown tiny-world benchmark {name}; choose one of {', '.join(offsets)}")

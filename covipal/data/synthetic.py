@@ -3,8 +3,10 @@
 Images are 128×128 px on four flat quadrant tints (the tint around an object is how the model can tell where it
 is). Objects sit in cells of a 16×16 grid of 8-px cells — one cell (small) or 2×2 cells (large) — so each
 object covers only a handful of visual tokens of the tiny model's anyres layout, and attributes repeat across
-objects so the answer cannot be found by elimination. Grey specks are distractors. Videos are 8 frames of
-64×64 px in which shapes appear, disappear and move.
+objects so the answer cannot be found by elimination. Grey specks are distractors. Every question picks out its
+objects by one attribute (the only object in a quadrant, the only object of a colour, all objects of a colour or
+shape) and asks for another, so answering means finding those objects' tokens and reading them. Videos are 8
+frames of 64×64 px in which shapes appear, disappear and move.
 
 Every question records which objects it is about, and `image_token_relevance` / `video_token_relevance` map
 those objects to positions in the model's visual token sequence, for the ground-truth oracle pruner.
@@ -19,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when what the generator produces changes: cached training splits and pretrained tiny models are keyed by it.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -47,6 +49,7 @@ VIDEO_OBJECT = 12
 IMAGE_QUESTION_TYPES = ("attribute_at_location", "location_of_attribute", "counting", "existence", "comparison")
 VIDEO_QUESTION_TYPES = ("first_to_appear", "when_appears", "moving_object")
 YES_NO_TYPES = ("existence", "comparison")
+CHOICE_TYPES = ("attribute_at_location", "location_of_attribute", "counting")  # answers among four options
 MCQ_PROMPT = "answer with the letter of the correct option."
 SHORT_PROMPT = "answer with a single word or phrase."
 
@@ -182,26 +185,22 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
     objs = scene.objects
     present_colours = [o.colour for o in objs]
     present_shapes = [o.shape for o in objs]
-    if kind == "attribute_at_location":
+    if kind == "attribute_at_location":  # about the only object in a quadrant
+        alone = [i for i, o in enumerate(objs) if [p.quadrant for p in objs].count(o.quadrant) == 1]
+        if not alone:
+            return None
+        i = int(rng.choice(alone))
         if rng.random() < 0.5:
-            candidates = _unique(objs, lambda o: (o.shape, o.quadrant))
-            if not candidates:
-                return None
-            i = int(rng.choice(candidates))
-            q = f"what colour is the {objs[i].shape} in the {objs[i].quadrant}?"
+            q = f"what colour is the object in the {objs[i].quadrant}?"
             return Question(kind, q, objs[i].colour, _options(rng, objs[i].colour, COLOURS, present_colours), [i])
-        candidates = _unique(objs, lambda o: (o.colour, o.quadrant))
-        if not candidates:
-            return None
-        i = int(rng.choice(candidates))
-        q = f"what shape is the {objs[i].colour} object in the {objs[i].quadrant}?"
+        q = f"what shape is the object in the {objs[i].quadrant}?"
         return Question(kind, q, objs[i].shape, _options(rng, objs[i].shape, SHAPES, present_shapes), [i])
-    if kind == "location_of_attribute":
-        candidates = _unique(objs, lambda o: (o.colour, o.shape))
+    if kind == "location_of_attribute":  # where the only object of a colour is
+        candidates = _unique(objs, lambda o: o.colour)
         if not candidates:
             return None
         i = int(rng.choice(candidates))
-        return Question(kind, f"where is the {objs[i].name}?", objs[i].quadrant, list(QUADRANTS), [i])
+        return Question(kind, f"where is the {objs[i].colour} object?", objs[i].quadrant, list(QUADRANTS), [i])
     if kind == "counting":
         if rng.random() < 0.5:
             colour = str(rng.choice(present_colours))
@@ -229,13 +228,13 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
         answer = "yes" if any(o.colour == colour and o.shape == shape for o in objs) else "no"
         return Question(kind, f"is there a {colour} {shape}?", answer, ["yes", "no"], about)
     if kind == "comparison":
-        unique = _unique(objs, lambda o: (o.colour, o.shape))
+        unique = _unique(objs, lambda o: o.colour)
         pairs = [(i, j) for i in unique for j in unique if i != j and objs[i].large != objs[j].large]
         if not pairs:
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]
         answer = "yes" if objs[i].large else "no"
-        q = f"is the {objs[i].name} bigger than the {objs[j].name}?"
+        q = f"is the {objs[i].colour} object bigger than the {objs[j].colour} object?"
         return Question(kind, q, answer, ["yes", "no"], [i, j])
     raise ValueError(kind)
 

@@ -29,6 +29,8 @@ class LoadedModel:
     processor: object
     name: str
     ppm: dict | None = None  # the PPM architecture suited to this model (used when a PPM is built from scratch)
+    # where layer-indexed methods act on this model's LLM (model.layer_plan; pruner and training configs read it)
+    layer_plan: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +120,7 @@ def load_pretrained(
     processor_path: str | None = None,
     name: str | None = None,
     ppm: dict | None = None,
+    layer_plan: dict | None = None,
 ) -> LoadedModel:
     """Load model and processor with `from_pretrained`, from a hub id or a local directory."""
     target = resolve_device(device)
@@ -138,7 +141,8 @@ def load_pretrained(
         raise missing from None
     check_processor_matches(model, processor, name_or_path)
     model.to(target).eval()
-    return LoadedModel(model, processor, name or Path(str(name_or_path)).name, dict(ppm) if ppm else None)
+    name = name or Path(str(name_or_path)).name
+    return LoadedModel(model, processor, name, dict(ppm) if ppm else None, dict(layer_plan) if layer_plan else None)
 
 
 def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:

@@ -14,15 +14,16 @@ from covipal.pruning.scoring import attention_rows, last_real_index
 
 
 def fastv_keep_fraction(reserve_ratio: float, num_layers: int, K: int) -> float:
-    """Fraction kept after layer K so that the average over all layers is `reserve_ratio`: (rL − K)/(L − K)."""
+    """Fraction kept after layer K so that the average over all layers is `reserve_ratio`: (rL − K)/(L − K).
+    At r = K/L it is 0: layers from K on see no visual token (the tiny model's 4 layers with K=1 at r = 0.25)."""
     fraction = (reserve_ratio * num_layers - K) / (num_layers - K)
-    if fraction <= 0:
-        feasible = math.ceil(K / num_layers * 100 + 1) / 100
+    if fraction < -1e-9:
+        feasible = math.ceil(K / num_layers * 100) / 100
         raise CovipalError(
             f"fastv with K={K} on {num_layers} layers cannot average pruner.reserve_ratio={reserve_ratio}; "
             f"use pruner.reserve_ratio>={feasible} or a smaller pruner.K"
         )
-    return fraction
+    return max(fraction, 0.0)
 
 
 class FastVPruner:

@@ -33,6 +33,7 @@ class PretrainRecipe:
     video_fraction: float = 0.25
     turns: int = 4  # questions per training conversation (one image or video, several answers supervised)
     mcq_fraction: float = 0.5
+    kinds: list | None = None  # image question types to train on (None = all of IMAGE_QUESTION_TYPES)
     bf16: bool = False  # bf16 autocast (GPU; no faster than fp32 at the tiny model's size on CPU)
     seed: int = 0
     # (fraction of steps from which it applies, min objects, max objects): few objects first
@@ -127,7 +128,9 @@ def batches(processor, recipe: PretrainRecipe):
         objects = _objects_at(recipe, step)
         if objects not in streams:
             streams[objects] = (
-                sample_stream(recipe.seed * 1000 + len(streams), 0.0, recipe.mcq_fraction, objects, recipe.turns),
+                sample_stream(
+                    recipe.seed * 1000 + len(streams), 0.0, recipe.mcq_fraction, objects, recipe.turns, recipe.kinds
+                ),
                 sample_stream(recipe.seed * 1000 + 500 + len(streams), 1.0, recipe.mcq_fraction, turns=recipe.turns),
             )
         images, videos = streams[objects]

@@ -47,7 +47,10 @@ def load_tiny(
     dtype: str = "float32",
     device: str = "cpu",
     ppm: dict | None = None,
+    layer_plan: dict | None = None,
 ) -> LoadedModel:
     """Load the tiny model (pretraining it first when the cache lacks it)."""
     directory = tiny_base_checkpoint(TinySpec(**(spec or {})), PretrainRecipe(**(pretrain or {})), cache_dir)
-    return load_pretrained(str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm)
+    return load_pretrained(
+        str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm, layer_plan=layer_plan
+    )
