@@ -17,7 +17,6 @@ from covipal.models.tiny import TinySpec, build_tiny
 from covipal.pruning.oracle import FocusPruner
 from covipal.pruning.session import PruningSession
 from covipal.training.grounding import (
-    LayerInputCapture,
     answer_query_rows,
     grounding_losses,
     question_rows,
@@ -25,6 +24,7 @@ from covipal.training.grounding import (
     rows_as_targets,
     turn_relevance,
 )
+from covipal.training.layer_input import LayerInputCapture
 from covipal.training.pretrain import PretrainRecipe, grounding_token_ids, pretrain, training_batch
 from tests.test_pretrain import SMALL_WORLD
 

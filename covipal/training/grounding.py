@@ -17,40 +17,11 @@ allowed columns). The answer itself is still learned from the answer cross-entro
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from covipal.pruning.oracle import relevance_positions
 from covipal.pruning.scoring import attention_rows
 from covipal.pruning.sequence import Compaction
-
-_MARK = "_covipal_layer_input_capture"
-
-
-class LayerInputCapture:
-    """`with LayerInputCapture(model, layer) as capture: model(...)` keeps decoder `layer`'s input
-    (hidden states and rotary embeddings) of the last forward in `capture.hidden` / `capture.position_embeddings`."""
-
-    def __init__(self, model: nn.Module, layer: int):
-        multimodal = model.model if hasattr(model, "lm_head") else model
-        self.layer = multimodal.language_model.layers[layer]
-        self.hidden: torch.Tensor | None = None
-        self.position_embeddings = None
-        self._handle = None
-
-    def __enter__(self) -> LayerInputCapture:
-        if getattr(self.layer, _MARK, None) is not None:
-            raise RuntimeError("a layer-input capture is already installed on this layer")
-        setattr(self.layer, _MARK, self)
-        self._handle = self.layer.register_forward_pre_hook(self._capture, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        delattr(self.layer, _MARK)
-
-    def _capture(self, module, args, kwargs):
-        self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.position_embeddings = kwargs["position_embeddings"]
+from covipal.training.layer_input import LayerInputCapture
 
 
 def answer_query_rows(labels: torch.Tensor) -> torch.Tensor:

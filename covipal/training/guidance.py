@@ -18,13 +18,10 @@ from torch import nn
 
 from covipal.errors import CovipalError
 from covipal.pruning.scoring import attention_received
+from covipal.training.layer_input import LayerInputCapture, ReachedLayer
 
 QUERY_ROWS = ("literal", "text_after_visual", "last")
 _MARK = "_covipal_guidance_probe"
-
-
-class _ReachedGuidanceLayer(Exception):
-    """Raised by the hook at the guidance layer to stop the forward there."""
 
 
 @dataclass
@@ -66,6 +63,7 @@ class GuidanceProbe:
         query_rows_mask(torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool), query_rows)
         self.layer_index = layer
         self.layer = layers[layer]
+        self._layer_input = LayerInputCapture(model, layer, stop=True)
         self.query_rows = query_rows
         self.normalize = normalize
         self.chunk = chunk
@@ -77,10 +75,8 @@ class GuidanceProbe:
         if getattr(self.model, _MARK, None) is not None:
             raise CovipalError("a guidance probe is already installed on this model")
         setattr(self.model, _MARK, self)
-        self._handles = [
-            self.language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
-            self.layer.register_forward_pre_hook(self._capture_layer, with_kwargs=True),
-        ]
+        self._layer_input.__enter__()
+        self._handles = [self.language_model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -88,6 +84,7 @@ class GuidanceProbe:
             handle.remove()
         self._handles.clear()
         self._captured.clear()
+        self._layer_input.__exit__(*exc)
         if getattr(self.model, _MARK, None) is self:
             delattr(self.model, _MARK)
 
@@ -95,17 +92,12 @@ class GuidanceProbe:
         self._captured["embeds"] = kwargs["inputs_embeds"]
         self._captured["mask"] = kwargs.get("attention_mask")
 
-    def _capture_layer(self, module, args, kwargs):
-        self._captured["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._captured["position_embeddings"] = kwargs["position_embeddings"]
-        raise _ReachedGuidanceLayer
-
     @torch.no_grad()
     def __call__(self, inputs: dict) -> GuidanceBatch:
         self._captured.clear()
         try:
             self.model(**inputs, use_cache=False)
-        except _ReachedGuidanceLayer:
+        except ReachedLayer:
             pass
         else:
             raise RuntimeError("the forward finished without reaching the guidance layer")
@@ -116,9 +108,10 @@ class GuidanceProbe:
         visual = ((ids == self.config.image_token_id) | (ids == self.config.video_token_id)) & key_mask
         rows = query_rows_mask(key_mask, visual, self.query_rows)
         labels = attention_received(
-            self.layer, self._captured["hidden"], self._captured["position_embeddings"], key_mask, rows, self.chunk
+            self.layer, self._layer_input.hidden, self._layer_input.position_embeddings, key_mask, rows, self.chunk
         )
         if self.normalize:  # each sample's visual labels sum to 1
             labels = labels / (labels * visual).sum(1, keepdim=True).clamp(min=1e-12)
         self._captured.clear()
+        self._layer_input.hidden = self._layer_input.position_embeddings = None  # hold no batch between calls
         return GuidanceBatch(embeds=embeds, attention_mask=key_mask, visual=visual, labels=labels)

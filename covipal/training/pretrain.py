@@ -20,7 +20,8 @@ from covipal.data.tiny_world import sample_stream
 from covipal.errors import CovipalError
 from covipal.pruning.oracle import FocusPruner
 from covipal.pruning.session import PruningSession
-from covipal.training.grounding import LayerInputCapture, answer_query_rows, grounding_losses, turn_relevance
+from covipal.training.grounding import answer_query_rows, grounding_losses, turn_relevance
+from covipal.training.layer_input import LayerInputCapture
 
 
 @dataclass
