@@ -21,7 +21,7 @@ def check_group_choices(overrides: Sequence[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")
         key = key.lstrip("+~")
-        if not sep or "." in key or "(" in value or not (CONFIG_DIR / key).is_dir():
+        if not sep or "." in key or key.startswith("hydra") or "(" in value or not (CONFIG_DIR / key).is_dir():
             continue
         options = group_options(key)
         for choice in value.split(","):

@@ -1,65 +1,116 @@
-"""`python -m covipal.eval`: pruned generation on held-out tiny-world questions, scored, printed and written to
-the run directory. (The VLMEvalKit benchmarks arrive with the evaluation issue.)"""
+"""`python -m covipal.eval`: a model with a pruner on benchmarks, through VLMEvalKit's own inference and scoring.
+
+The default is the tiny model on the tiny world's benchmarks (generated into the data root on first use; offline,
+exact-match scoring). Under torchrun each rank answers its share of every benchmark (VLMEvalKit's sharding) and
+rank 0 scores and writes `metrics.json`.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import hydra
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from covipal.api import build_model, build_pruner
-from covipal.cli import run_hydra_entry, user_errors
-from covipal.data.export import benchmark_samples
-from covipal.evaluation.scoring import is_correct
-from covipal.inference import generate_answers
+from covipal.cache import default_cache_dir
+from covipal.cli import CONFIG_DIR, run_hydra_entry, user_errors
+from covipal.errors import CovipalError
+
+KINDS = ("mcq", "yes_no", "vqa", "video_mcq", "official")
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def _join_process_group() -> None:
+    """Under torchrun: the process group VLMEvalKit's barriers need, and this rank's GPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _pruner_choice() -> str | None:
+    """The `pruner=` choice of this job (None outside a Hydra run, e.g. from the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("pruner") if HydraConfig.initialized() else None
+
+
+def _benchmarks(cfg: DictConfig) -> dict[str, str]:
+    datasets = OmegaConf.to_container(cfg.benchmark.datasets, resolve=True)
+    for name, kind in datasets.items():
+        if kind not in KINDS:
+            raise CovipalError(f"benchmark.datasets.{name}={kind} is not a kind; use one of: {', '.join(KINDS)}")
+    if cfg.num_samples is not None and cfg.num_samples < 1:
+        raise CovipalError(f"num_samples={cfg.num_samples} must be at least 1 (or null for every question)")
+    return datasets
+
+
+def evaluate(cfg: DictConfig) -> dict | None:
     torch.manual_seed(cfg.seed)
-    pruner = build_pruner(cfg)  # first: a bad pruner setting fails before a model is loaded
+    pruner = build_pruner(cfg)  # first: a bad pruner or benchmark setting fails before a model is loaded
+    datasets = _benchmarks(cfg)
+    # VLMEvalKit takes a while to import: only once the settings are known to be good
+    from covipal.data.export import BENCHMARKS, ensure_benchmarks
+    from covipal.evaluation.vlmevalkit.datasets import check_available, register_local_sets
+    from covipal.evaluation.vlmevalkit.model import PrunedVLM
+    from covipal.evaluation.vlmevalkit.runner import (
+        oracle_relevance,
+        rank_and_world,
+        run_benchmark,
+        vlmeval_environment,
+    )
+
+    root = vlmeval_environment(cfg.data_root or os.environ.get("LMUData") or default_cache_dir() / "LMUData")
+    tiny_world = [name for name in datasets if name in BENCHMARKS]
+    for name, kind in datasets.items():
+        if name not in tiny_world:  # before a model is loaded
+            check_available(name, kind)
+    _join_process_group()
+    rank, _ = rank_and_world()
     loaded = build_model(cfg)
+    pruner.setup(loaded.model)  # a budget this model cannot meet stops here, before data and answers
+    if tiny_world and rank == 0:
+        ensure_benchmarks(root, tiny_world, max(cfg.benchmark.tiny_world_rows, cfg.num_samples or 0))
+    if dist.is_initialized():
+        dist.barrier()
+    register_local_sets(
+        yes_no=[n for n, k in datasets.items() if k == "yes_no"],
+        video_mcq=[n for n, k in datasets.items() if k == "video_mcq"],
+    )
+    vlm = PrunedVLM.for_run(loaded, pruner, cfg.max_new_tokens)
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    metrics = {"model": loaded.name, "pruner": OmegaConf.to_container(cfg.pruner, resolve=True), "benchmarks": {}}
-    rows = []
-    for name in cfg.benchmarks:
-        samples = benchmark_samples(name, cfg.num_samples)
-        answers = generate_answers(loaded, pruner, samples, cfg.max_new_tokens, cfg.batch_size)
-        correct = [is_correct(s, a.text) for s, a in zip(samples, answers)]
-        layers = torch.tensor([a.layer_visual_tokens for a in answers], dtype=torch.float64)
-        metrics["benchmarks"][name] = {
-            "accuracy": sum(correct) / len(correct),
-            "questions": len(samples),
-            "reserve_ratio_achieved": sum(a.reserve_ratio for a in answers) / len(answers),
-            "mean_visual_tokens_input": sum(a.n_visual for a in answers) / len(answers),
-            "mean_visual_tokens_per_layer": layers.mean(0).tolist(),
-            "generate_seconds_per_sample": sum(a.prefill_seconds for a in answers) / len(answers),
-        }
-        for sample, answer, ok in zip(samples, answers, correct):
-            rows.append(
-                {
-                    "benchmark": name,
-                    "type": sample.meta["type"],
-                    "question": sample.question,
-                    "reference": sample.answer,
-                    "correct": ok,
-                    **vars(answer),
-                }
-            )
-    with open(output / "answers.jsonl", "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    vlm.heatmaps, vlm.heatmap_dir = cfg.heatmaps, output / "heatmaps"
+    metrics = {
+        "model": loaded.name,
+        "method": cfg.label or _pruner_choice(),
+        "pruner": OmegaConf.to_container(cfg.pruner, resolve=True),
+        "data_root": str(root),
+        "benchmarks": {},
+    }
+    with vlm:
+        for name, kind in datasets.items():
+            vlm.relevance = oracle_relevance(root, name) if name in tiny_world else None
+            result = run_benchmark(vlm, name, kind, output, loaded.name, cfg.num_samples, cfg.benchmark.judge)
+            if result is not None:
+                metrics["benchmarks"][name] = result
+    if rank != 0:
+        return None
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"{'benchmark':22} {'accuracy':>8} {'r achieved':>10}")
+    print(f"{'benchmark':24} {'score':>7} {'r achieved':>10} {'prefill s':>9}")
     for name, result in metrics["benchmarks"].items():
-        print(f"{name:22} {result['accuracy']:8.3f} {result['reserve_ratio_achieved']:10.4f}")
+        score = "n/a" if result["score"] is None else f"{result['score']:.1f}"
+        ratio = result.get("reserve_ratio_achieved", float("nan"))
+        print(f"{name:24} {score:>7} {ratio:10.4f} {result.get('prefill_seconds_per_sample', float('nan')):9.4f}")
     print(f"results in {output}")
     return metrics
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)

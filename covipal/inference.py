@@ -21,7 +21,9 @@ class Answer:
     n_visual: int
     layer_visual_tokens: list[int]
     reserve_ratio: float
-    prefill_seconds: float
+    prefill_seconds: float  # the prefill forward (vision, pruner, LLM), shared equally by the batch's samples
+    pruner_seconds: float = 0.0  # of which in the pruner's selection (the PPM for CoViPAL), shared likewise
+    generate_seconds: float = 0.0  # the whole generate() call, shared likewise
 
 
 def build_prompt(processor, sample: Sample) -> str:
@@ -34,6 +36,34 @@ def encode(processor, samples: list[Sample], device: torch.device, dtype: torch.
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 
+def answer_batch(
+    loaded: LoadedModel, session: PruningSession, batch: list[Sample], max_new_tokens: int
+) -> list[Answer]:
+    """Greedy answers for one batch of samples of one kind, through an open pruning session."""
+    model, processor = loaded.model, loaded.processor
+    inputs = encode(processor, batch, loaded.device, next(model.parameters()).dtype)
+    session.extras = {"relevance": [s.relevance for s in batch]}
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - start
+    texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    record = session.record
+    layers = record.layer_visual_tokens
+    return [
+        Answer(
+            text=texts[row].strip(),
+            n_visual=int(record.n_visual[row]),
+            layer_visual_tokens=layers[:, row].tolist(),
+            reserve_ratio=float(record.reserve_ratio[row]),
+            prefill_seconds=record.prefill_seconds / len(batch),
+            generate_seconds=seconds / len(batch),
+            pruner_seconds=record.select_seconds / len(batch),
+        )
+        for row in range(len(batch))
+    ]
+
+
 def generate_answers(
     loaded: LoadedModel,
     pruner: Pruner,
@@ -43,8 +73,6 @@ def generate_answers(
     progress: bool = True,
 ) -> list[Answer]:
     """Greedy answers with `pruner` installed; batches group samples of the same kind (image, video, text)."""
-    model, processor = loaded.model, loaded.processor
-    dtype = next(model.parameters()).dtype
     order = sorted(range(len(samples)), key=lambda i: samples[i].kind)
     batches, current = [], []
     for index in order:
@@ -55,23 +83,10 @@ def generate_answers(
     if current:
         batches.append(current)
     answers: dict[int, Answer] = {}
-    with PruningSession(model, pruner) as session, torch.no_grad():
+    with PruningSession(loaded.model, pruner) as session:
         for indices in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            batch = [samples[i] for i in indices]
-            inputs = encode(processor, batch, loaded.device, dtype)
-            session.extras = {"relevance": [s.relevance for s in batch]}
-            start = time.perf_counter()
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            seconds = time.perf_counter() - start
-            texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            record = session.record
-            layers = record.layer_visual_tokens
-            for row, index in enumerate(indices):
-                answers[index] = Answer(
-                    text=texts[row].strip(),
-                    n_visual=int(record.n_visual[row]),
-                    layer_visual_tokens=layers[:, row].tolist(),
-                    reserve_ratio=float(record.reserve_ratio[row]),
-                    prefill_seconds=seconds / len(indices),
-                )
+            for index, answer in zip(
+                indices, answer_batch(loaded, session, [samples[i] for i in indices], max_new_tokens)
+            ):
+                answers[index] = answer
     return [answers[i] for i in range(len(samples))]

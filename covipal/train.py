@@ -119,7 +119,8 @@ def run(cfg: DictConfig) -> Path:
     if diagnostics is not None:
         diagnostics.finish()
     if state.is_main_process:
-        print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal classifier={final}")
+        # quoted: a sweep's job directory has "=" and "," in its name, which Hydra's override grammar would parse
+        print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal \"classifier='{final}'\"")
     return final
 
 

@@ -25,7 +25,14 @@ from covipal.training.grounding import (
     turn_relevance,
 )
 from covipal.training.layer_input import LayerInputCapture
-from covipal.training.pretrain import PretrainRecipe, grounding_token_ids, pretrain, training_batch
+from covipal.training.pretrain import (
+    PretrainRecipe,
+    grounding_token_ids,
+    pretrain,
+    pretraining_loss,
+    short_answer_ids,
+    training_batch,
+)
 from tests.test_pretrain import SMALL_WORLD
 
 
@@ -49,6 +56,40 @@ def test_every_turn_has_the_relevance_of_its_own_question():
         assert len(masks) == 1 + len(sample.meta["turns"]) and np.array_equal(masks[0], sample.relevance)
         for mask in masks:
             assert mask.any() and not (mask & ~sample.meta["scene_relevance"]).any()
+
+
+def test_each_turn_knows_the_first_token_of_its_short_answer(eager):
+    _, processor = eager
+    rng = np.random.default_rng(5)
+    samples = [image_sample(rng, "mcq", turns=4), video_sample(rng, "short", turns=2)]
+    answers = short_answer_ids(samples, processor.tokenizer, 4)
+    for row, sample in enumerate(samples):
+        shorts = sample.meta["turn_short_answers"]
+        assert shorts[0] == sample.meta["short_answer"] and len(shorts) == 1 + len(sample.meta["turns"])
+        for turn in range(4):
+            expected = processor.tokenizer(shorts[turn]).input_ids[0] if turn < len(shorts) else -1
+            assert answers[row, turn] == expected
+    assert (answers[1, 2:] == -1).all()
+
+
+def test_the_answer_probe_is_a_fourth_finite_term_with_gradients(eager):
+    model, processor = eager
+    recipe = PretrainRecipe(answer_probe=True, grounding_layer=1)
+    samples = [image_sample(np.random.default_rng(s), "mcq", min_objects=1, max_objects=2, turns=3) for s in range(2)]
+    batch = training_batch(processor, samples)
+    model.zero_grad()
+    _, grounding = pretraining_loss(model, batch, samples, 1.0, recipe, grounding_token_ids(processor.tokenizer))
+    plain = pretraining_loss(
+        model,
+        training_batch(processor, samples),
+        samples,
+        1.0,
+        PretrainRecipe(),
+        grounding_token_ids(processor.tokenizer),
+    )[1]
+    assert torch.isfinite(grounding) and grounding > plain  # a cross-entropy over the vocabulary adds a lot
+    grounding.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0  # the answer is read out through the LM head
 
 
 def test_a_relevance_mask_of_another_layout_is_refused():
@@ -77,7 +118,7 @@ def test_question_rows_and_key_words_are_those_of_each_turns_question(eager):
         prompts = [sample.question] + [prompt for prompt, _ in sample.meta["turns"]]
         for turn, prompt in enumerate(prompts):
             text = tokenizer.decode(input_ids[row][questions[row, turn]]).replace("<image>", "").split()
-            assert text == tokenizer.decode(tokenizer(prompt.lower()).input_ids).split()
+            assert text == tokenizer.decode(tokenizer(prompt).input_ids).split()
             (mark,) = (marks[row] == turn).nonzero().squeeze(1).tolist()
             assert tokenizer.convert_ids_to_tokens(int(input_ids[row, mark])) == "?"
             assert mark < int((answers[row] == turn).nonzero())  # the question comes before its answer

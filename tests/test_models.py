@@ -16,11 +16,11 @@ from covipal.training.tiny_base import load_tiny
 
 def test_tokenizer_round_trips_text_and_keeps_special_tokens(tmp_path):
     tokenizer = build_word_tokenizer(["widget"])
-    text = "<image> what colour is the widget xyzzy? 42"
+    text = "<image> what colour is the widget xyzzy? 42 B. Red"
     ids = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in ids
     assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 1
-    assert tokenizer.decode(ids) == "<image> what colour is the widget xyzzy? 42"
+    assert tokenizer.decode(ids) == "<image> what colour is the widget xyzzy? 42 B. Red"  # case kept (option letters)
     tokenizer.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
 

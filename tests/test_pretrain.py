@@ -49,7 +49,7 @@ def test_labels_cover_exactly_the_answers(tmp_path):
         labels = batch["labels"][row]
         answers = [sample.answer] + [answer for _, answer in sample.meta["turns"]]
         expected = " ".join(f"{answer} {tokenizer.eos_token}" for answer in answers)
-        assert tokenizer.decode(labels[labels != -100]) == tokenizer.decode(tokenizer(expected.lower()).input_ids)
+        assert tokenizer.decode(labels[labels != -100]) == tokenizer.decode(tokenizer(expected).input_ids)
         assert int((batch["input_ids"][row] == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 336
 
 

@@ -77,7 +77,7 @@ def test_only_the_ppm_gets_gradients_and_loss_is_pinned(tiny_dir, processor):
     assert 0 < metrics["p_mean"] < 1 and metrics["ce"] > 0
 
 
-PINNED_LOSS = 8.078798
+PINNED_LOSS = 8.874316  # fixed seeds, tokenizer version 2
 
 
 def test_gradient_checkpointing_keeps_the_gradients(tiny_dir, processor):

@@ -93,10 +93,11 @@ def test_export_writes_every_layout(tmp_path):
         for row, sample, relevant in zip(rows, expected, oracle):
             assert row["question"] == sample.question.split("\n")[0]
             assert relevant["relevant"] == np.flatnonzero(sample.relevance).tolist()
+            assert relevant["visual_tokens"] == len(sample.relevance)
             if name.endswith("MCQ"):
                 assert row["answer"] in "ABCD" and row[row["answer"]] == sample.meta["short_answer"]
             if "video" in row:
-                decoded = read_video(root / "LMUData" / row["video"])
+                decoded = read_video(root / "LMUData" / "videos" / name / f"{row['video']}.mp4")
                 assert np.array_equal(decoded, sample.video)  # lossless
             else:
                 image = Image.open(io.BytesIO(base64.b64decode(row["image"])))

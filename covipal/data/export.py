@@ -5,8 +5,9 @@
     <root>/LMUData/TinyWorld_MCQ.tsv                 image multiple choice (VLMEvalKit MCQ columns)
     <root>/LMUData/TinyWorld_YN.tsv                  image yes/no
     <root>/LMUData/TinyWorld_VQA.tsv                 image short answer
-    <root>/LMUData/TinyWorld_Video_MCQ.tsv + videos/TinyWorld_Video_MCQ/   video multiple choice
+    <root>/LMUData/TinyWorld_Video_MCQ.tsv + videos/TinyWorld_Video_MCQ/<index>.mp4   video multiple choice
     <root>/LMUData/<NAME>_oracle.jsonl               per row: the visual token positions the question is about
+    <root>/LMUData/TinyWorld.json                    what was written (generator version, rows per benchmark)
 
 Benchmarks use seeds disjoint from the training split's, so they are held out.
 """
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from covipal.data.sample import Sample
-from covipal.data.synthetic import CHOICE_TYPES, YES_NO_TYPES
+from covipal.data.synthetic import CHOICE_TYPES, GENERATOR_VERSION, YES_NO_TYPES
 from covipal.data.tiny_world import image_sample, video_sample
 
 BENCHMARK_SEED = 10_000_000
@@ -107,8 +108,9 @@ def benchmark_samples(name: str, count: int, seed: int = BENCHMARK_SEED) -> list
 BENCHMARKS = ("TinyWorld_MCQ", "TinyWorld_YN", "TinyWorld_VQA", "TinyWorld_Video_MCQ")
 
 
-def write_benchmark(root: Path, name: str, count: int, progress: bool = True) -> Path:
-    directory = root / "LMUData"
+def write_benchmark(root: Path, name: str, count: int, progress: bool = True, directory: Path | None = None) -> Path:
+    """`<root>/LMUData/<name>.tsv` (or `<directory>/<name>.tsv`) with its oracle file (and videos)."""
+    directory = Path(directory) if directory is not None else root / "LMUData"
     directory.mkdir(parents=True, exist_ok=True)
     samples = benchmark_samples(name, count)
     video = name.startswith("TinyWorld_Video")
@@ -130,14 +132,41 @@ def write_benchmark(root: Path, name: str, count: int, progress: bool = True) ->
                 row["answer"] = sample.answer
             else:
                 row["answer"] = sample.answer.capitalize() if name == "TinyWorld_YN" else sample.answer
-            if video:
+            if video:  # VLMEvalKit's video sets name a video by its file stem under their video folder
                 write_video(sample.video, directory / "videos" / name / f"{index}.mp4")
-                row["video"] = f"videos/{name}/{index}.mp4"
+                row["video"] = str(index)
             else:
                 row["image"] = _png_base64(sample.images[0])
             writer.writerow([row[c] for c in columns])
-            oracle.write(json.dumps({"index": index, "relevant": np.flatnonzero(sample.relevance).tolist()}) + "\n")
+            relevant = np.flatnonzero(sample.relevance).tolist()
+            oracle.write(
+                json.dumps({"index": index, "visual_tokens": len(sample.relevance), "relevant": relevant}) + "\n"
+            )
     return path
+
+
+def ensure_benchmarks(lmu_data: str | Path, names, rows: int, progress: bool = True) -> None:
+    """Write the tiny world's benchmarks `names` (`rows` questions each) into the VLMEvalKit data root
+    `lmu_data` unless they are there already from this generator version with at least `rows` rows. Stale image and
+    frame dumps VLMEvalKit keeps under `images/<NAME>` are removed with them."""
+    import shutil
+
+    root = Path(lmu_data)
+    marker = root / "TinyWorld.json"
+    written = json.loads(marker.read_text()) if marker.is_file() else {}
+    if written.get("generator_version") != GENERATOR_VERSION:
+        written = {"generator_version": GENERATOR_VERSION, "rows": {}}
+    for name in names:
+        if written["rows"].get(name, 0) >= rows and (root / f"{name}.tsv").is_file():
+            continue
+        written["rows"].pop(name, None)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(written))  # a crash from here on leaves the set marked absent
+        shutil.rmtree(root / "images" / name, ignore_errors=True)
+        shutil.rmtree(root / "videos" / name, ignore_errors=True)
+        write_benchmark(root.parent, name, rows, progress, directory=root)
+        written["rows"][name] = rows
+        marker.write_text(json.dumps(written))
 
 
 def write_tiny_world(

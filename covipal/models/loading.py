@@ -17,6 +17,7 @@ from transformers.utils import is_flash_attn_2_available
 from covipal.cache import cached_directory
 from covipal.errors import CovipalError
 from covipal.models.tiny import TinySpec, build_tiny
+from covipal.models.tokenizer import TOKENIZER_VERSION
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 
@@ -31,6 +32,8 @@ class LoadedModel:
     ppm: dict | None = None  # the PPM architecture suited to this model (used when a PPM is built from scratch)
     # where layer-indexed methods act on this model's LLM (model.layer_plan; pruner and training configs read it)
     layer_plan: dict | None = None
+    # how benchmarks ask this model (model.evaluation): instructions per answer format, video frames
+    evaluation: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -121,6 +124,7 @@ def load_pretrained(
     name: str | None = None,
     ppm: dict | None = None,
     layer_plan: dict | None = None,
+    evaluation: dict | None = None,
 ) -> LoadedModel:
     """Load model and processor with `from_pretrained`, from a hub id or a local directory."""
     target = resolve_device(device)
@@ -142,9 +146,17 @@ def load_pretrained(
     check_processor_matches(model, processor, name_or_path)
     model.to(target).eval()
     name = name or Path(str(name_or_path)).name
-    return LoadedModel(model, processor, name, dict(ppm) if ppm else None, dict(layer_plan) if layer_plan else None)
+    return LoadedModel(
+        model,
+        processor,
+        name,
+        dict(ppm) if ppm else None,
+        dict(layer_plan) if layer_plan else None,
+        dict(evaluation) if evaluation else None,
+    )
 
 
 def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
     """The cached checkpoint of the untrained (seeded random) tiny model for `spec`."""
-    return cached_directory("tiny", asdict(spec), lambda directory: build_tiny(spec, directory), cache_dir)
+    key = {**asdict(spec), "tokenizer": TOKENIZER_VERSION}
+    return cached_directory("tiny", key, lambda directory: build_tiny(spec, directory), cache_dir)

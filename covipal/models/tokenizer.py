@@ -1,16 +1,20 @@
 """A word-piece tokenizer built locally, so the tiny world needs no download.
 
 Words are split on whitespace and punctuation; a word outside the vocabulary falls back to its characters
-(word-piece continuation pieces), so any ASCII text round-trips without an unknown token. Everything is a
-stock `tokenizers` component, so the tokenizer saves and loads like any other.
+(word-piece continuation pieces), so any ASCII text round-trips, case included, without an unknown token. Case is
+kept so that option letters come out as benchmarks write them ("B", not "b"): VLMEvalKit matches them exactly.
+Everything is a stock `tokenizers` component, so the tokenizer saves and loads like any other.
 """
 
 from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+# Bump when the tokenizer built from the same words changes: cached tiny checkpoints are keyed by it.
+TOKENIZER_VERSION = 2
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -47,13 +51,12 @@ BASE_WORDS = (
 def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Build a fast tokenizer over `words` (+ characters), with LLaVA-OneVision's special tokens and template."""
     vocab: dict[str, int] = {}
-    characters = [*string.ascii_lowercase, *string.digits, *string.punctuation]
+    characters = [*string.ascii_lowercase, *string.ascii_uppercase, *string.digits, *string.punctuation]
     for token in [*SPECIAL_TOKENS, *characters, *("##" + c for c in characters)]:
         vocab.setdefault(token, len(vocab))
     for word in [*BASE_WORDS, *(words or [])]:
         vocab.setdefault(word.lower(), len(vocab))
     core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", max_input_chars_per_word=64))
-    core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tokenizer = PreTrainedTokenizerFast(

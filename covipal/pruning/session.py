@@ -14,6 +14,7 @@ the hooks splice the kept prefix into `attention_mask` and give new tokens the p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class PrefillRecord:
     stages: list[Stage] = field(default_factory=list)
     num_layers: int = 0
     length: int = 0
+    select_seconds: float = 0.0  # time spent in the pruner's `select` (for CoViPAL: the PPM and its top-k)
+    prefill_seconds: float = 0.0  # the whole prefill forward: vision tower, projector, pruner and LLM
 
     def stage_at(self, layer: int) -> Stage:
         """The stage in force at the input of decoder `layer`."""
@@ -72,6 +75,13 @@ class PrefillRecord:
         return self.stages[-1].compaction
 
 
+def _now(model: nn.Module) -> float:
+    """perf_counter after the device's queued work (CUDA runs asynchronously), so intervals time the work."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class PruningSession:
     """Context manager: `with PruningSession(model, pruner) as session: model.generate(...)`."""
 
@@ -85,6 +95,7 @@ class PruningSession:
         self._handles: list = []
         self._pending_visual: torch.Tensor | None = None
         self._record: PrefillRecord | None = None
+        self._prefill_start: float | None = None
         self._decoding = False
         self._stash: dict[int, torch.Tensor] = {}
         self._decode_suffix: torch.Tensor | None = None
@@ -105,6 +116,7 @@ class PruningSession:
         setattr(self.model, _MARK, self)
         try:
             self._handles.append(self.multimodal.register_forward_pre_hook(self._multimodal_hook, with_kwargs=True))
+            self._handles.append(self.multimodal.register_forward_hook(self._multimodal_done))
             self._handles.append(
                 self.language_model.register_forward_pre_hook(self._language_model_hook, with_kwargs=True)
             )
@@ -144,6 +156,7 @@ class PruningSession:
                 raise CovipalError("a call continuing a KV cache carries images or video; put them all in the prompt")
             self._pending_visual = None
             return None
+        self._prefill_start = _now(self.model)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             embeds = kwargs.get("inputs_embeds")
@@ -151,6 +164,11 @@ class PruningSession:
         else:
             self._pending_visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         return None
+
+    def _multimodal_done(self, module, args, output):
+        if not self._decoding and self._record is not None and self._prefill_start is not None:
+            self._record.prefill_seconds = _now(self.model) - self._prefill_start
+            self._prefill_start = None
 
     def _language_model_hook(self, module, args, kwargs):
         if self._decoding:
@@ -187,7 +205,7 @@ class PruningSession:
             language_model=self.language_model,
             extras=self.extras,
         )
-        new = self._drop(stage, self.pruner.select(context) | ~stage.visual, layer=0)
+        new = self._drop(stage, self._select(context) | ~stage.visual, layer=0)
         if new is None:
             return None
         kwargs = dict(kwargs)
@@ -257,7 +275,7 @@ class PruningSession:
                 language_model=self.language_model,
                 extras=self.extras,
             )
-            new = self._drop(stage, self.pruner.select(context) | ~stage.visual, index, embeddings)
+            new = self._drop(stage, self._select(context) | ~stage.visual, index, embeddings)
             if new is not None:
                 hidden = new.local.gather(hidden)
                 new.layer_mask = self._layer_mask(hidden, new.mask2d, kwargs, index)
@@ -275,6 +293,13 @@ class PruningSession:
         return (hidden, *args[1:]), kwargs
 
     # -- helpers --------------------------------------------------------------------------------------------
+    def _select(self, context: LayerContext) -> torch.Tensor:
+        """The pruner's keep mask, timed into the record."""
+        start = _now(self.model)
+        keep = self.pruner.select(context)
+        self._record.select_seconds += _now(self.model) - start
+        return keep
+
     def _drop(self, stage: Stage, keep: torch.Tensor, layer: int, position_embeddings=None) -> Stage | None:
         """Record a new stage keeping `keep` (over the current stage's tokens); None if nothing is dropped.
 

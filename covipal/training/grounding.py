@@ -9,9 +9,10 @@ other. So, for every question of a training conversation (its last "?" is its *q
      attention, not only of its attention to the image, so what it reads there reaches it);
   3. at layer l+1 the row that predicts the answer attends to its question row.
 Each term is −log(the share of the row's attention, averaged over heads, that falls on its targets among the
-allowed columns). The answer itself is still learned from the answer cross-entropy only; the model's last token
-(what FastV reads) is not told where to look in the image. Attention rows are recomputed from each layer's input
-(`pruning.scoring.attention_rows`), so this works on sdpa.
+allowed columns). Optionally (`answer_probe`) a fourth: the question row's output of layer l, read by the LM
+head, predicts the first token of its short answer. The answer rows learn from the answer cross-entropy only;
+the model's last token (what FastV reads) is not told where to look in the image. Attention rows are recomputed
+from each layer's input (`pruning.scoring.attention_rows`), so this works on sdpa.
 """
 
 from __future__ import annotations
@@ -117,9 +118,12 @@ def grounding_losses(
     relevance: torch.Tensor,
     ids: dict[str, object],
     kept: Compaction | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    probe=None,
+) -> tuple[torch.Tensor, ...]:
     """The three terms (key words, image, question row) for captures at layers l-1, l, l+1. `ids` holds the
-    token ids of "user", the message end, "?" and a tensor of key-word ids."""
+    token ids of "user", the message end, "?" and a tensor of key-word ids. With `probe` = (LM head on hidden
+    states, [B, turns] answer token ids, -1 = none), a fourth: the cross-entropy of each question row's output of
+    layer l (the input captured at l+1), read by the head, against its turn's answer token."""
     questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
@@ -127,4 +131,18 @@ def grounding_losses(
     look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept)
     targets = rows_as_targets(marks, questions.shape[1])
     recall = attention_share_loss(captures[2], attention_mask, attention_mask, answer_rows, targets, kept)
-    return read, look, recall
+    if probe is None:
+        return read, look, recall
+    head, answers = probe  # (hidden -> logits, [B, turns] first token id of each turn's short answer, -1 = none)
+    rows = marks
+    if kept is not None:
+        rows = torch.where(kept.valid, kept.gather(marks), torch.full_like(kept.index, -1))
+    batch, position = (rows >= 0).nonzero(as_tuple=True)
+    turn = rows[batch, position]
+    target = answers[batch, turn.clamp(max=answers.shape[1] - 1)]
+    target = torch.where(turn < answers.shape[1], target, torch.full_like(target, -1))
+    if len(target) == 0:
+        return read, look, recall
+    logits = head(captures[2].hidden[batch, position])
+    answer = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-1)
+    return read, look, recall, answer

@@ -47,6 +47,9 @@ class PretrainRecipe:
     # which each question row looks at its objects' tokens (key words at l-1, answer rows recall it at l+1)
     grounding_weight: float = 1.0
     grounding_layer: int = 1
+    # a fourth term: the question row, read out by the LM head after layer l, predicts the first token of its
+    # short answer (so the answer is looked up where the question row looks, and the answer rows only copy it)
+    answer_probe: bool = False
 
 
 def conversation(sample: Sample) -> list[dict]:
@@ -86,7 +89,19 @@ def grounding_token_ids(tokenizer) -> dict:
         "end": end,
         "mark": mark,
         "keywords": torch.tensor(tokenizer.convert_tokens_to_ids(KEY_WORDS)),
+        "tokenizer": tokenizer,
     }
+
+
+def short_answer_ids(samples: list[Sample], tokenizer, turns: int) -> torch.Tensor:
+    """[B, turns] long: the first token of each turn's short answer (-1 where a sample has fewer turns)."""
+    answers = torch.full((len(samples), turns), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        texts = sample.meta.get("turn_short_answers", [sample.meta.get("short_answer")])
+        for turn, text in enumerate(texts[:turns]):
+            if text is not None:
+                answers[row, turn] = tokenizer(str(text), add_special_tokens=False).input_ids[0]
+    return answers
 
 
 def pretraining_loss(
@@ -113,7 +128,14 @@ def pretraining_loss(
     if recipe.grounding_weight:
         relevance = turn_relevance(visual, [s.meta.get("turn_relevance", [s.relevance]) for s in samples])
         mask = batch["attention_mask"].bool()
-        grounding = sum(grounding_losses(captures, input_ids, mask, answer_query_rows(labels), relevance, ids, kept))
+        probe = None
+        if recipe.answer_probe:
+            answers = short_answer_ids(samples, ids["tokenizer"], relevance.shape[1]).to(input_ids.device)
+            language = model.model.language_model
+            probe = (lambda hidden: model.lm_head(language.norm(hidden)), answers)
+        grounding = sum(
+            grounding_losses(captures, input_ids, mask, answer_query_rows(labels), relevance, ids, kept, probe)
+        )
     if kept is not None:  # labels follow the tokens that stayed
         labels = torch.where(kept.valid, labels.gather(1, kept.index), torch.full_like(kept.index, -100))
     answer = F.cross_entropy(

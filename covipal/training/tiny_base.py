@@ -13,6 +13,7 @@ from covipal.cache import cached_directory
 from covipal.data.synthetic import GENERATOR_VERSION
 from covipal.models.loading import LoadedModel, load_pretrained, tiny_checkpoint
 from covipal.models.tiny import TinySpec, build_tiny
+from covipal.models.tokenizer import TOKENIZER_VERSION
 from covipal.training.pretrain import PretrainRecipe, pretrain
 
 
@@ -34,7 +35,12 @@ def tiny_base_checkpoint(
     """The cached pretrained checkpoint for (spec, recipe); pretrained now if absent. `steps=0` = random init."""
     if recipe.steps == 0:
         return tiny_checkpoint(spec, cache_dir)
-    key = {"spec": asdict(spec), "pretrain": asdict(recipe), "generator": GENERATOR_VERSION}
+    key = {
+        "spec": asdict(spec),
+        "pretrain": asdict(recipe),
+        "generator": GENERATOR_VERSION,
+        "tokenizer": TOKENIZER_VERSION,
+    }
     build = lambda directory: pretrain_tiny(spec, recipe, directory)  # noqa: E731
     return cached_directory("tiny-base", key, build, cache_dir, rebuild)
 
@@ -48,9 +54,17 @@ def load_tiny(
     device: str = "cpu",
     ppm: dict | None = None,
     layer_plan: dict | None = None,
+    evaluation: dict | None = None,
 ) -> LoadedModel:
     """Load the tiny model (pretraining it first when the cache lacks it)."""
     directory = tiny_base_checkpoint(TinySpec(**(spec or {})), PretrainRecipe(**(pretrain or {})), cache_dir)
     return load_pretrained(
-        str(directory), attn_implementation, dtype, device, name="tiny", ppm=ppm, layer_plan=layer_plan
+        str(directory),
+        attn_implementation,
+        dtype,
+        device,
+        name="tiny",
+        ppm=ppm,
+        layer_plan=layer_plan,
+        evaluation=evaluation,
     )

@@ -1,0 +1,173 @@
+"""Our model, processor and pruner as a VLMEvalKit model, so VLMEvalKit's own inference and scoring run it.
+
+VLMEvalKit calls `generate(message, dataset)` one question at a time; each call runs `generate_answers` (the
+function the rest of covipal uses) on one sample, on whatever device and dtype the model was loaded with, and
+appends what the pruner did (visual tokens per LLM layer, achieved reserve ratio, prefill and pruner time) to a
+JSON-lines file per benchmark and rank, so a resumed run still has the statistics of the questions it skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os.path as osp
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+from vlmeval.vlm.base import BaseModel
+
+from covipal.data.sample import Sample
+from covipal.data.sources import sample_frames
+from covipal.evaluation.heatmap import kept_visual_tokens, save_heatmap
+from covipal.inference import answer_batch
+from covipal.models.loading import LoadedModel
+from covipal.pruning.context import Pruner
+from covipal.pruning.session import PruningSession
+
+# VLMEvalKit's dataset types that get our prompt (the question, lettered options, the model's instruction)
+PROMPT_TYPES = ("MCQ", "Y/N", "VQA", "Video-MCQ")
+
+
+def option_letters(line) -> list[str]:
+    """The option columns (A, B, …) a benchmark row fills, in order."""
+    letters = []
+    for letter in "ABCDEFGHIJ":
+        value = line.get(letter) if hasattr(line, "get") else None
+        if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
+            break
+        letters.append(letter)
+    return letters
+
+
+def question_text(line, kind: str, prompts: dict) -> str:
+    """The text of one benchmark row as the model was trained to read it: the question, for multiple choice its
+    lettered options, then the model's instruction for that answer format (`prompts`: mcq, yes_no, short)."""
+    question = str(line["question"])
+    hint = line.get("hint")
+    if hint is not None and not (isinstance(hint, float) and pd.isna(hint)) and str(hint):
+        question = f"Hint: {hint}\n{question}"
+    if kind in ("MCQ", "Video-MCQ"):
+        options = [f"{letter}. {line[letter]}" for letter in option_letters(line)]
+        return "\n".join([question, *options, prompts["mcq"]])
+    return f"{question}\n{prompts['yes_no' if kind == 'Y/N' else 'short']}"
+
+
+class PrunedVLM(BaseModel):
+    """A LLaVA-OneVision-architecture model with a pruner installed, as a VLMEvalKit model (images and video)."""
+
+    INTERLEAVE = True
+    VIDEO_LLM = True  # videos arrive as files; frames are sampled here (`nframe` uniformly over the video)
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        pruner: Pruner,
+        prompts: dict,
+        max_new_tokens: int = 16,
+        nframe: int = 8,
+    ):
+        super().__init__()
+        self.loaded, self.pruner, self.prompts = loaded, pruner, dict(prompts)
+        self.max_new_tokens, self.nframe = max_new_tokens, nframe
+        self.fps = None
+        self.stats_file: Path | None = None  # where each answer's statistics are appended (set per benchmark)
+        self.dataset_types: dict[str, str] = {}  # benchmark name -> VLMEvalKit dataset type, set by the runner
+        self.relevance = None  # optional: message -> relevance mask (the oracle pruner on the tiny world)
+        self.session: PruningSession | None = None
+        self.heatmaps = 0  # kept-token heat maps to draw per benchmark (single-image questions), into heatmap_dir
+        self.heatmap_dir: Path | None = None
+        self._drawn: dict[str, int] = {}
+
+    @classmethod
+    def for_run(cls, loaded: LoadedModel, pruner: Pruner, max_new_tokens: int | None = None) -> PrunedVLM:
+        """With the model's own evaluation settings (`model.evaluation`: prompts, frames, answer length)."""
+        settings = loaded.evaluation or {}
+        return cls(
+            loaded,
+            pruner,
+            settings.get("prompts", {}),
+            max_new_tokens=max_new_tokens or settings.get("max_new_tokens", 16),
+            nframe=settings.get("video_frames", 8),
+        )
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+    def use_custom_prompt(self, dataset) -> bool:
+        return self.dataset_types.get(dataset) in PROMPT_TYPES
+
+    def build_prompt(self, line, dataset=None, video_llm: bool = True) -> list[dict]:
+        if isinstance(dataset, str):  # image benchmarks pass the name
+            kind = self.dataset_types[dataset]
+            media = [{"type": "image", "value": path} for path in self.dump_image(line, dataset)]
+        else:  # video benchmarks pass the dataset object
+            kind = self.dataset_types[dataset.dataset_name]
+            media = [{"type": "video", "value": osp.join(dataset.data_root, f"{line['video']}.mp4")}]
+        return [*media, {"type": "text", "value": question_text(line, kind, self.prompts)}]
+
+    # -- answering ----------------------------------------------------------------------------------------------
+    def sample(self, message: list[dict]) -> Sample:
+        images = [Image.open(item["value"]).convert("RGB") for item in message if item["type"] == "image"]
+        videos = [item["value"] for item in message if item["type"] == "video"]
+        text = "\n".join(item["value"] for item in message if item["type"] == "text")
+        video = sample_frames(videos[0], self.nframe) if videos else None
+        sample = Sample(text, images=images, video=video)
+        if self.relevance is not None:
+            sample.relevance = self.relevance(message)
+        return sample
+
+    def __enter__(self) -> PrunedVLM:
+        """Install the pruner for the whole evaluation: one session, so a seeded pruner's draws run on across
+        questions (a session per question would replay the same draws for every question)."""
+        self.session = PruningSession(self.loaded.model, self.pruner).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session.__exit__(*exc)
+        self.session = None
+
+    def draw_heatmap(self, message, sample: Sample, answer, dataset) -> None:
+        drawn = self._drawn.get(dataset, 0)
+        if drawn >= self.heatmaps:
+            return
+        self._drawn[dataset] = drawn + 1
+        stem = Path(next(item["value"] for item in message if item["type"] == "image")).stem
+        title = f"{sample.question.splitlines()[0]} -> {answer.text}   r={answer.reserve_ratio:.3f}"
+        kept = kept_visual_tokens(self.session.record)
+        save_heatmap(self.loaded.model, sample.images[0], kept, self.heatmap_dir / str(dataset) / f"{stem}.png", title)
+
+    def generate_inner(self, message, dataset=None) -> str:
+        if self.session is None:  # built by VLMEvalKit's registry: the session stays installed from here on
+            self.__enter__()
+        sample = self.sample(message)
+        answer = answer_batch(self.loaded, self.session, [sample], self.max_new_tokens)[0]
+        if self.heatmaps and self.heatmap_dir is not None and len(sample.images) == 1:
+            self.draw_heatmap(message, sample, answer, dataset)
+        if self.stats_file is not None:
+            key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
+            row = {"key": key, "prediction": answer.text, **{k: v for k, v in vars(answer).items() if k != "text"}}
+            self.stats_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.stats_file, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return answer.text
+
+
+def from_config(*overrides: str) -> PrunedVLM:
+    """A `PrunedVLM` built from covipal's configs, e.g. `from_config("pruner=fastv", "pruner.reserve_ratio=0.25")`
+    (what the registry entry builds)."""
+    from covipal.api import build_model, build_pruner, compose
+
+    cfg = compose("eval", list(overrides))
+    pruner = build_pruner(cfg)
+    return PrunedVLM.for_run(build_model(cfg), pruner, cfg.max_new_tokens)
+
+
+def register(name: str = "covipal", *overrides: str) -> None:
+    """Add a covipal model to VLMEvalKit's registry (`vlmeval.config.supported_VLM`), so its own tools can build
+    it by name: `register("covipal_fastv", "pruner=fastv")`."""
+    from vlmeval.config import supported_VLM
+
+    supported_VLM[name] = partial(from_config, *overrides)
+
+
+register()  # "covipal": the default tiny model without pruning; register() more with your settings

@@ -1,0 +1,129 @@
+"""One benchmark through VLMEvalKit: its inference job (which shards over ranks and resumes from its own files),
+its scorer, and our statistics of what the pruner did."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from vlmeval.inference import infer_data_job
+from vlmeval.inference_video import infer_data_job_video
+from vlmeval.smp import get_pred_file_path
+
+from covipal.errors import CovipalError
+from covipal.evaluation.vlmevalkit.datasets import open_benchmark
+
+
+def vlmeval_environment(data_root: str | Path) -> Path:
+    """Point VLMEvalKit at `data_root` and keep it offline and writing plain files; returns the root."""
+    root = Path(data_root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["LMUData"] = str(root)
+    os.environ.setdefault("PRED_FORMAT", "tsv")  # predictions other tools read without an Excel reader
+    os.environ.setdefault("EVAL_FORMAT", "csv")
+    return root
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def oracle_relevance(root: Path, name: str):
+    """message -> relevance mask, for the tiny world's benchmarks: their media files are named by row index
+    (`images/<NAME>/<index>.png`, `videos/<NAME>/<index>.mp4`), and `<NAME>_oracle.jsonl` holds each row's."""
+    rows = {}
+    for line in (root / f"{name}_oracle.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        mask = np.zeros(record["visual_tokens"], dtype=bool)
+        mask[record["relevant"]] = True
+        rows[int(record["index"])] = mask
+
+    def lookup(message: list[dict]):
+        media = [item["value"] for item in message if item["type"] in ("image", "video")]
+        return rows[int(Path(media[0]).stem)] if media else None
+
+    return lookup
+
+
+def _remove_scores(prediction_file: Path) -> None:
+    """VLMEvalKit's scorers reuse their intermediate files whatever the predictions now say: start clean."""
+    stem = prediction_file.with_suffix("")
+    for suffix in ("_exact_matching_result", "_acc", "_auxmatch", "_score", "_rating"):
+        for path in glob.glob(f"{glob.escape(str(stem))}{suffix}.*"):
+            os.remove(path)
+
+
+def _overall(table) -> float | None:
+    """The Overall accuracy of a VLMEvalKit score table (a DataFrame or dict), or None."""
+    if table is None:
+        return None
+    if hasattr(table, "to_dict"):
+        table = table.to_dict(orient="list")
+    value = table.get("Overall")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else float(value)
+
+
+def pruning_statistics(stats_dir: Path, name: str) -> dict:
+    """Means over the answered questions (each counted once, the latest record kept) of what the pruner did."""
+    rows = {}
+    for path in sorted(stats_dir.glob(f"{name}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                rows[record["key"]] = record
+    if not rows:
+        return {}
+    records = list(rows.values())
+    layers = np.array([r["layer_visual_tokens"] for r in records], dtype=np.float64)
+    mean = lambda key: float(np.mean([r[key] for r in records]))  # noqa: E731
+    return {
+        "questions_timed": len(records),
+        "visual_tokens_input": mean("n_visual"),
+        "visual_tokens_per_layer": layers.mean(0).tolist(),
+        "reserve_ratio_achieved": mean("reserve_ratio"),
+        "prefill_seconds_per_sample": mean("prefill_seconds"),
+        "pruner_seconds_per_sample": mean("pruner_seconds"),
+        "generate_seconds_per_sample": mean("generate_seconds"),
+    }
+
+
+def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, rows: int | None, judge: str):
+    """Answer and score benchmark `name` (a `kind` of `open_benchmark`) with `vlm` (a `PrunedVLM`) into
+    `work_dir`; returns the result row for metrics.json (on rank 0; other ranks return None)."""
+    if "{" in str(work_dir) or "}" in str(work_dir):  # VLMEvalKit formats file names with str.format
+        raise CovipalError(f"VLMEvalKit cannot write under {work_dir}: pick an output directory without braces")
+    dataset = open_benchmark(name, kind, vlm.nframe)
+    if rows:
+        dataset.data = dataset.data.iloc[:rows].reset_index(drop=True)
+        if hasattr(dataset, "videos"):
+            dataset.videos = sorted(set(dataset.data["video"]))
+    vlm.dataset_types[name] = dataset.TYPE
+    rank, world = rank_and_world()
+    vlm.stats_file = work_dir / "stats" / f"{name}.rank{rank}.jsonl"
+    prediction = Path(get_pred_file_path(str(work_dir), model_name, name))
+    if getattr(dataset, "MODALITY", "IMAGE") == "VIDEO":
+        infer_data_job_video(vlm, str(work_dir), model_name, dataset, result_file=str(prediction))
+    else:
+        infer_data_job(vlm, str(work_dir), model_name, dataset)
+    if rank != 0:
+        return None
+    if not prediction.is_file():
+        raise CovipalError(f"benchmark {name}: VLMEvalKit wrote no predictions to {prediction}")
+    _remove_scores(prediction)
+    table = dataset.evaluate(str(prediction), model=judge, nproc=1)
+    overall = _overall(table)
+    if overall is not None and kind in ("mcq", "vqa", "video_mcq"):
+        overall *= 100  # these report a fraction; yes/no sets report percent
+    result = {
+        "score": overall,
+        "questions": len(dataset.data),
+        "predictions": str(prediction),
+        "scores": table.to_dict(orient="list") if hasattr(table, "to_dict") else table,
+    }
+    result.update(pruning_statistics(work_dir / "stats", name))
+    return result

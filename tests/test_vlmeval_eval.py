@@ -1,0 +1,298 @@
+"""`covipal.eval` through VLMEvalKit: our model answers through its inference function offline, its scores agree
+with a recount from the prediction files, interrupted runs resume, every benchmark group composes, and a
+2-process gloo run shards like one process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covipal import api
+from covipal.cli import group_options
+from covipal.errors import CovipalError
+from covipal.evaluation.scoring import normalise
+
+ROOT = Path(__file__).resolve().parent.parent
+UNTRAINED = "model.pretrain.steps=0"
+ROWS = 4
+TINY_WORLD = ("TinyWorld_MCQ", "TinyWorld_YN", "TinyWorld_VQA", "TinyWorld_Video_MCQ")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve a host or open a connection is recorded and refused."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("LMUData")
+
+
+def config(data_root, output, *overrides):
+    return api.compose(
+        "eval",
+        [
+            UNTRAINED,
+            f"num_samples={ROWS}",
+            f"benchmark.tiny_world_rows={ROWS}",
+            f"data_root={data_root}",
+            f"output_dir={output}",
+            *overrides,
+        ],
+    )
+
+
+def evaluate(cfg):
+    from covipal.eval import evaluate as run
+
+    return run(cfg)
+
+
+def predictions(output: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(output / f"tiny_{name}.tsv", sep="\t")
+
+
+def test_tiny_model_answers_through_vlmeval_without_network(data_root, tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    metrics = evaluate(config(data_root, tmp_path / "run", "pruner=random", "pruner.reserve_ratio=0.25"))
+    assert no_network == []
+    assert set(metrics["benchmarks"]) == set(TINY_WORLD)
+    for name, result in metrics["benchmarks"].items():
+        frame = predictions(tmp_path / "run", name)
+        assert len(frame) == ROWS and frame["prediction"].notna().all()
+        assert result["questions"] == result["questions_timed"] == ROWS
+        assert result["reserve_ratio_achieved"] == pytest.approx(0.25, abs=0.01)
+        assert len(result["visual_tokens_per_layer"]) == 4 and result["prefill_seconds_per_sample"] > 0
+        assert result["pruner_seconds_per_sample"] > 0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["benchmarks"].keys() == metrics["benchmarks"].keys()
+
+
+def scripted_answer(message, dataset=None) -> str:
+    """A deterministic mix of right and wrong answers in each benchmark's format (no model needed)."""
+    text = " ".join(item["value"] for item in message if item["type"] == "text")
+    pick = int(hashlib.sha1(text.encode()).hexdigest(), 16)
+    if "letter" in text:
+        return "ABCD"[pick % 4]
+    if dataset == "TinyWorld_YN":
+        return ("yes", "no")[pick % 2]
+    return ("red", "one", "top left", "circle")[pick % 4]
+
+
+def recount(frame: pd.DataFrame, name: str) -> float:
+    if name.endswith("MCQ"):
+        letters = [re.findall(r"\b([A-D])\b", str(p)) for p in frame["prediction"]]
+        hits = [bool(found) and found[0] == answer for found, answer in zip(letters, frame["answer"])]
+    else:
+        hits = [normalise(str(p)) == normalise(str(a)) for p, a in zip(frame["prediction"], frame["answer"])]
+    return 100 * sum(hits) / len(hits)
+
+
+def test_scores_match_a_recount_from_the_prediction_files(data_root, tmp_path, monkeypatch, no_network):
+    from covipal.evaluation.vlmevalkit.model import PrunedVLM
+
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        PrunedVLM, "generate_inner", lambda self, message, dataset=None: scripted_answer(message, dataset)
+    )
+    rows = 24
+    cfg = config(data_root, tmp_path / "run", f"num_samples={rows}", f"benchmark.tiny_world_rows={rows}")
+    metrics = evaluate(cfg)
+    scores = {name: result["score"] for name, result in metrics["benchmarks"].items()}
+    assert 0 < min(scores.values()) and max(scores.values()) < 100  # a mix, so a wrong scorer would show
+    for name, score in scores.items():
+        assert score == pytest.approx(recount(predictions(tmp_path / "run", name), name)), name
+
+
+def test_a_rerun_reuses_finished_predictions_and_redoes_missing_ones(data_root, tmp_path, monkeypatch):
+    from covipal.evaluation.vlmevalkit.model import PrunedVLM
+
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    cfg = config(data_root, tmp_path / "run", "benchmark.datasets={TinyWorld_MCQ: mcq}")
+    first = evaluate(cfg)["benchmarks"]["TinyWorld_MCQ"]
+    path = tmp_path / "run" / "tiny_TinyWorld_MCQ.tsv"
+    frame = pd.read_csv(path, sep="\t")
+    frame.iloc[:2].to_csv(path, sep="\t", index=False)  # as if interrupted after two answers
+    calls = []
+    answer = PrunedVLM.generate_inner
+    monkeypatch.setattr(
+        PrunedVLM, "generate_inner", lambda self, m, dataset=None: calls.append(1) or answer(self, m, dataset)
+    )
+    second = evaluate(cfg)["benchmarks"]["TinyWorld_MCQ"]
+    assert len(calls) == ROWS - 2
+    assert pd.read_csv(path, sep="\t")["prediction"].tolist() == frame["prediction"].tolist()
+    assert second["score"] == first["score"] and second["questions_timed"] == ROWS
+
+
+@pytest.mark.parametrize("benchmark", group_options("benchmark"))
+def test_every_benchmark_group_composes(benchmark):
+    cfg = api.compose("eval", [f"benchmark={benchmark}"])
+    from covipal.eval import KINDS
+
+    assert cfg.benchmark.datasets and set(cfg.benchmark.datasets.values()) <= set(KINDS)
+    assert cfg.benchmark.judge == "exact_matching"
+
+
+def test_a_paper_benchmark_without_its_data_stops_naming_the_file(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    cfg = config(tmp_path / "empty", tmp_path / "run", "benchmark=image_paper")
+    with pytest.raises(CovipalError, match=r"GQA_TestDev_Balanced\.tsv is missing \(data root .*empty\)"):
+        evaluate(cfg)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_answer_what_one_process_answers(data_root, tmp_path):
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    args = [
+        UNTRAINED,
+        "num_samples=6",
+        "benchmark.tiny_world_rows=6",
+        f"data_root={data_root}",
+        "benchmark.datasets={TinyWorld_MCQ: mcq, TinyWorld_Video_MCQ: video_mcq}",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "covipal.eval", *args, f"hydra.run.dir={tmp_path}/one"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    sharded = subprocess.run(
+        [*torchrun, "-m", "covipal.eval", *args, f"hydra.run.dir={tmp_path}/two"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for name in ("TinyWorld_MCQ", "TinyWorld_Video_MCQ"):
+        one, two = predictions(tmp_path / "one", name), predictions(tmp_path / "two", name)
+        assert one["index"].tolist() == two["index"].tolist() == list(range(6))
+        assert one["prediction"].tolist() == two["prediction"].tolist()
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["benchmarks"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["benchmarks"]
+    assert {n: r["score"] for n, r in one.items()} == {n: r["score"] for n, r in two.items()}
+    assert two["TinyWorld_MCQ"]["questions_timed"] == 6  # both ranks' statistics
+
+
+def test_report_builds_the_table_from_a_real_sweep(data_root, tmp_path, monkeypatch):
+    from covipal import eval as entry
+    from covipal.evaluation.vlmevalkit.model import PrunedVLM
+    from covipal.report import main as report_main
+
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    # answers that differ with the budget, so the table has something to tell apart
+    monkeypatch.setattr(
+        PrunedVLM,
+        "generate_inner",
+        lambda self, message, dataset=None: scripted_answer(
+            [*message, {"type": "text", "value": str(self.pruner.reserve_ratio)}], dataset
+        ),
+    )
+    sweep = tmp_path / "sweep"
+    argv = [
+        "covipal.eval",
+        "-m",
+        "pruner=none,random",
+        "pruner.reserve_ratio=0.5,0.25",
+        UNTRAINED,
+        "num_samples=16",
+        "benchmark.tiny_world_rows=16",
+        f"data_root={data_root}",
+        "benchmark.datasets={TinyWorld_MCQ: mcq, TinyWorld_YN: yes_no}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    entry.main()
+    jobs = sorted(sweep.glob("*/metrics.json"))
+    assert len(jobs) == 4
+    report_main([str(sweep)])
+    table = pd.read_csv(sweep / "report.csv")
+    assert table[["method", "target_r"]].values.tolist() == [["none", 1.0], ["random", 0.5], ["random", 0.25]]
+    metrics = [json.loads(p.read_text()) for p in jobs]
+    none = next(m for m in metrics if m["method"] == "none")["benchmarks"]
+    for row in table.itertuples():
+        if row.method == "none":
+            assert row.avg_relative == pytest.approx(100)
+            continue
+        job = next(m for m in metrics if m["method"] == "random" and m["pruner"]["reserve_ratio"] == row.target_r)
+        scores = {name: result["score"] for name, result in job["benchmarks"].items()}
+        assert row.TinyWorld_MCQ == pytest.approx(scores["TinyWorld_MCQ"])
+        expected = sum(100 * scores[n] / none[n]["score"] for n in scores) / len(scores)
+        assert row.avg_relative == pytest.approx(expected)
+    assert (sweep / "report.png").stat().st_size > 1000 and "| none |" in (sweep / "report.md").read_text()
+
+
+def test_the_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from covipal.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition == "gpu"
+
+
+@pytest.mark.parametrize("size", [(128, 128), (64, 128), (128, 64), (64, 64), (100, 37)])
+def test_heatmap_layout_accounts_for_every_visual_token(sdpa_model, processor, size):
+    from PIL import Image
+
+    from covipal.evaluation.heatmap import image_token_layout, kept_token_heatmap
+
+    height, width = size
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    n_visual = int((inputs["input_ids"] == sdpa_model.config.image_token_id).sum())
+    side, rows, columns = image_token_layout(sdpa_model, (height, width))
+    assert side * side + rows * (columns + 1) == n_visual
+    if rows:  # the high-resolution grid keeps the image's aspect (unpadding removes the padding)
+        assert abs(rows / columns - height / width) < 0.35
+    kept = np.zeros(n_visual, dtype=bool)
+    kept[: side * side] = True  # base view kept, high resolution pruned
+    sheet = np.asarray(kept_token_heatmap(sdpa_model, image, kept))
+    middle = sheet[sheet.shape[0] // 2, :, 0]  # red channel along the middle row: kept panel, gap, pruned panel
+    assert middle[2] == 200 and (not rows or middle[-3] == 50)
+
+
+def test_models_are_registered_in_vlmeval_and_answer_its_messages(tmp_path, monkeypatch, no_network):
+    from PIL import Image
+    from vlmeval.config import supported_VLM
+
+    from covipal.evaluation.vlmevalkit.model import register
+
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    assert "covipal" in supported_VLM
+    register("covipal_test", UNTRAINED, "pruner=random", "pruner.reserve_ratio=0.5")
+    model = supported_VLM.pop("covipal_test")()
+    Image.new("RGB", (128, 128), (0, 200, 0)).save(tmp_path / "green.png")
+    answer = model.generate(
+        [{"type": "image", "value": str(tmp_path / "green.png")}, {"type": "text", "value": "what colour?"}]
+    )
+    assert isinstance(answer, str) and model.session.record.reserve_ratio.tolist() == [0.5]
+    model.__exit__(None, None, None)
