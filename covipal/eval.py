@@ -59,7 +59,6 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from covipal.evaluation.vlmevalkit.model import PrunedVLM
     from covipal.evaluation.vlmevalkit.runner import (
         oracle_relevance,
-        rank_and_world,
         run_benchmark,
         vlmeval_environment,
     )
@@ -70,7 +69,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
         if name not in tiny_world:  # before a model is loaded
             check_available(name, kind)
     _join_process_group()
-    rank, _ = rank_and_world()
+    from vlmeval.smp import get_rank_and_world_size
+
+    rank, _ = get_rank_and_world_size()
     loaded = build_model(cfg)
     pruner.setup(loaded.model)  # a budget this model cannot meet stops here, before data and answers
     if tiny_world and rank == 0:

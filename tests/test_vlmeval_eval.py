@@ -296,3 +296,21 @@ def test_models_are_registered_in_vlmeval_and_answer_its_messages(tmp_path, monk
     )
     assert isinstance(answer, str) and model.session.record.reserve_ratio.tolist() == [0.5]
     model.__exit__(None, None, None)
+
+
+def test_the_local_video_set_prompts_models_without_their_own(data_root):
+    from covipal.data.export import ensure_benchmarks
+    from covipal.evaluation.vlmevalkit.datasets import LocalVideoMCQ, open_benchmark, register_local_sets
+    from covipal.evaluation.vlmevalkit.runner import vlmeval_environment
+
+    root = vlmeval_environment(data_root)
+    ensure_benchmarks(root, ["TinyWorld_Video_MCQ"], ROWS, progress=False)
+    register_local_sets(yes_no=[], video_mcq=["TinyWorld_Video_MCQ"])
+    dataset = open_benchmark("TinyWorld_Video_MCQ", "video_mcq", nframe=4)
+    as_video = dataset.build_prompt(0, video_llm=True)
+    assert [item["type"] for item in as_video] == ["video", "text"] and Path(as_video[0]["value"]).is_file()
+    text = as_video[1]["value"]
+    assert text.startswith(dataset.data.iloc[0]["question"]) and "\nA. " in text
+    assert text.endswith(LocalVideoMCQ.INSTRUCTION)
+    as_frames = dataset.build_prompt(0, video_llm=False)
+    assert [item["type"] for item in as_frames] == ["image"] * 4 + ["text"] and as_frames[-1]["value"] == text

@@ -23,6 +23,7 @@ from vlmeval.utils.matching_util import can_infer
 
 from covipal.errors import CovipalError
 from covipal.evaluation.scoring import normalise
+from covipal.evaluation.vlmevalkit.prompts import question_text
 
 
 def _score(data: pd.DataFrame, eval_file: str) -> pd.DataFrame:
@@ -57,8 +58,19 @@ class LocalVideoMCQ(VideoBaseDataset):
         root = LMUDataRoot()
         return {"root": osp.join(root, "videos", dataset), "data_file": osp.join(root, f"{dataset}.tsv")}
 
+    INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
     def build_prompt(self, line, video_llm=True):
-        raise NotImplementedError("the model builds the prompt (PrunedVLM.use_custom_prompt)")
+        """For models without their own prompt (covipal's `PrunedVLM` builds its own): the video file, or its
+        `nframe` frames as images, then the question, its options and a generic instruction."""
+        if isinstance(line, int):
+            line = self.data.iloc[line]
+        video = str(line["video"])
+        if video_llm:
+            media = [{"type": "video", "value": osp.join(self.data_root, f"{video}.mp4")}]
+        else:
+            media = [{"type": "image", "value": path} for path in self.save_video_frames(video)]
+        return [*media, {"type": "text", "value": question_text(line, self.TYPE, {"mcq": self.INSTRUCTION})}]
 
     def evaluate(self, eval_file, **judge_kwargs):
         data = load(eval_file)

@@ -14,44 +14,17 @@ import os.path as osp
 from functools import partial
 from pathlib import Path
 
-import pandas as pd
 from PIL import Image
 from vlmeval.vlm.base import BaseModel
 
 from covipal.data.sample import Sample
 from covipal.data.sources import sample_frames
 from covipal.evaluation.heatmap import kept_visual_tokens, save_heatmap
+from covipal.evaluation.vlmevalkit.prompts import PROMPT_TYPES, question_text
 from covipal.inference import answer_batch
 from covipal.models.loading import LoadedModel
 from covipal.pruning.context import Pruner
 from covipal.pruning.session import PruningSession
-
-# VLMEvalKit's dataset types that get our prompt (the question, lettered options, the model's instruction)
-PROMPT_TYPES = ("MCQ", "Y/N", "VQA", "Video-MCQ")
-
-
-def option_letters(line) -> list[str]:
-    """The option columns (A, B, …) a benchmark row fills, in order."""
-    letters = []
-    for letter in "ABCDEFGHIJ":
-        value = line.get(letter) if hasattr(line, "get") else None
-        if value is None or (isinstance(value, float) and pd.isna(value)) or str(value) == "":
-            break
-        letters.append(letter)
-    return letters
-
-
-def question_text(line, kind: str, prompts: dict) -> str:
-    """The text of one benchmark row as the model was trained to read it: the question, for multiple choice its
-    lettered options, then the model's instruction for that answer format (`prompts`: mcq, yes_no, short)."""
-    question = str(line["question"])
-    hint = line.get("hint")
-    if hint is not None and not (isinstance(hint, float) and pd.isna(hint)) and str(hint):
-        question = f"Hint: {hint}\n{question}"
-    if kind in ("MCQ", "Video-MCQ"):
-        options = [f"{letter}. {line[letter]}" for letter in option_letters(line)]
-        return "\n".join([question, *options, prompts["mcq"]])
-    return f"{question}\n{prompts['yes_no' if kind == 'Y/N' else 'short']}"
 
 
 class PrunedVLM(BaseModel):

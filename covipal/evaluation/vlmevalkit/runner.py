@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from vlmeval.inference import infer_data_job
 from vlmeval.inference_video import infer_data_job_video
-from vlmeval.smp import get_pred_file_path
+from vlmeval.smp import get_pred_file_path, get_rank_and_world_size
 
 from covipal.errors import CovipalError
 from covipal.evaluation.vlmevalkit.datasets import open_benchmark
@@ -25,10 +25,6 @@ def vlmeval_environment(data_root: str | Path) -> Path:
     os.environ.setdefault("PRED_FORMAT", "tsv")  # predictions other tools read without an Excel reader
     os.environ.setdefault("EVAL_FORMAT", "csv")
     return root
-
-
-def rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def oracle_relevance(root: Path, name: str):
@@ -103,7 +99,7 @@ def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, ro
         if hasattr(dataset, "videos"):
             dataset.videos = sorted(set(dataset.data["video"]))
     vlm.dataset_types[name] = dataset.TYPE
-    rank, world = rank_and_world()
+    rank, _ = get_rank_and_world_size()  # VLMEvalKit's own reading of torchrun's environment
     vlm.stats_file = work_dir / "stats" / f"{name}.rank{rank}.jsonl"
     prediction = Path(get_pred_file_path(str(work_dir), model_name, name))
     if getattr(dataset, "MODALITY", "IMAGE") == "VIDEO":
