@@ -39,6 +39,32 @@ def _pruner_choice() -> str | None:
     return HydraConfig.get().runtime.choices.get("pruner") if HydraConfig.initialized() else None
 
 
+def _method_name(pruner: str | None, adapter: str | None) -> str | None:
+    """The pruner's name; with a LoRA adapter trained under it, starred as the papers write PDrop*."""
+    return f"{pruner}*" if pruner and adapter else pruner
+
+
+def claim_output_dir(output: Path, cfg: DictConfig, write: bool) -> None:
+    """Resuming reuses the predictions found in `output`: refuse a directory that holds another configuration's
+    (e.g. two sweeps whose jobs differ only in an excluded path such as `adapter=` or `classifier=`)."""
+    identity = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in ("model", "pruner", "adapter", "classifier", "max_new_tokens")
+    }
+    path = output / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        differing = [key for key in identity if previous.get(key) != identity[key]]
+        if differing:
+            raise CovipalError(
+                f"{output} holds results of another configuration ({', '.join(differing)} differ); give this run "
+                "its own directory with label=<name> (in a sweep) or hydra.run.dir=<new dir>"
+            )
+    elif write:
+        output.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=1))
+
+
 def _benchmarks(cfg: DictConfig) -> dict[str, str]:
     datasets = OmegaConf.to_container(cfg.benchmark.datasets, resolve=True)
     for name, kind in datasets.items():
@@ -72,6 +98,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from vlmeval.smp import get_rank_and_world_size
 
     rank, _ = get_rank_and_world_size()
+    claim_output_dir(Path(cfg.output_dir), cfg, write=rank == 0)
     loaded = build_model(cfg)
     pruner.setup(loaded.model)  # a budget this model cannot meet stops here, before data and answers
     if tiny_world and rank == 0:
@@ -88,8 +115,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     vlm.heatmaps, vlm.heatmap_dir = cfg.heatmaps, output / "heatmaps"
     metrics = {
         "model": loaded.name,
-        "method": cfg.label or _pruner_choice(),
+        "method": cfg.label or _method_name(_pruner_choice(), cfg.get("adapter")),
         "pruner": OmegaConf.to_container(cfg.pruner, resolve=True),
+        "adapter": cfg.get("adapter"),
         "data_root": str(root),
         "benchmarks": {},
     }

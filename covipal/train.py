@@ -1,7 +1,8 @@
-"""`python -m covipal.train stage=1|2`: train the PPM (stage 1: attention distillation; stage 2: end to end through
-the frozen LLM with the soft mask, starting from a stage-1 PPM). Defaults: the tiny model on the tiny world's
-training split, a few minutes on CPU. The final PPM lands in `<run dir>/final`, ready for
-`python -m covipal.eval pruner=covipal classifier=<run dir>/final`."""
+"""`python -m covipal.train stage=1|2|lora`: train the PPM (stage 1: attention distillation; stage 2: end to end
+through the frozen LLM with the soft mask, starting from a stage-1 PPM), or (stage=lora) LoRA adapters of the LLM
+with a pruner active — PDrop* with the default `pruner=pdrop`. Defaults: the tiny model on the tiny world's
+training split, a few minutes on CPU. The result lands in `<run dir>/final`, ready for
+`python -m covipal.eval pruner=covipal classifier=<run dir>/final` (or `pruner=pdrop adapter=<run dir>/final`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hydra
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,15 +23,17 @@ from covipal.cli import run_hydra_entry, user_errors
 from covipal.data.conversation import TrainingCollator
 from covipal.data.mixture import mixture
 from covipal.errors import CovipalError
+from covipal.models.adapters import trainable_parameters
 from covipal.models.loading import LoadedModel
 from covipal.models.ppm import PPMClassifier, PPMConfig
 from covipal.training.diagnostics import RetentionDiagnostics
 from covipal.training.loop import LoopConfig, train
+from covipal.training.lora import LoRASettings, PrunedLoRATask
 from covipal.training.run_log import RunLog
 from covipal.training.stage1 import Stage1Settings, Stage1Task
 from covipal.training.stage2 import Stage2Settings, Stage2Task
 
-STAGES = (1, 2)
+STAGES = (1, 2, "lora")
 RANDOM_INIT = "random"
 
 
@@ -56,6 +60,12 @@ def new_ppm(loaded: LoadedModel, seed: int, init: str | None = None) -> PPMClass
 def build_task(cfg: DictConfig, loaded: LoadedModel):
     """The stage's task and learning rate. Stage 2 starts from a stage-1 PPM; `stage2.init=random` (the paper's
     collapse ablation) is the only way to start it from scratch."""
+    if cfg.stage == "lora":
+        settings = OmegaConf.to_container(cfg.lora, resolve=True)
+        lr = settings.pop("lr")
+        pruner = instantiate(cfg.pruner)
+        pruner.setup(loaded.model)  # bad layers or an unreachable r fail here, before any training
+        return PrunedLoRATask(loaded.model, pruner, LoRASettings(**settings)), lr
     if OmegaConf.is_missing(cfg.get(f"stage{cfg.stage}", {}), "init"):
         raise CovipalError(f"stage{cfg.stage}.init is not set; pass stage{cfg.stage}.init=<stage-1 run dir>/final")
     if cfg.stage == 1:
@@ -92,14 +102,14 @@ def shared_output_dir(path: str) -> Path:
 def run(cfg: DictConfig) -> Path:
     stage = cfg.stage
     if stage not in STAGES:
-        raise CovipalError(f"stage={stage} is not available; use stage=1 or stage=2")
+        raise CovipalError(f"stage={stage} is not available; use stage=1, stage=2 or stage=lora")
     state = PartialState()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     output_dir = shared_output_dir(cfg.output_dir)
     loaded = build_model(cfg)
     apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))
     dataset = build_data(cfg)
-    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=stage == 2)
+    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=stage in (2, "lora"))
     task, lr = build_task(cfg, loaded)
     loop = LoopConfig(lr=lr, **OmegaConf.to_container(cfg.train, resolve=True))
     log = RunLog(
@@ -111,8 +121,12 @@ def run(cfg: DictConfig) -> Path:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     if state.is_main_process:
-        trainable = sum(p.numel() for p in task.trainable.parameters())
-        print(f"stage {stage}: {len(dataset)} samples, PPM {trainable:,} parameters, run dir {output_dir}")
+        if stage == "lora":
+            total = sum(p.numel() for p in task.trainable.parameters())
+            what = f"LoRA {trainable_parameters(task.trainable):,} trainable parameters of {total:,}"
+        else:
+            what = f"PPM {sum(p.numel() for p in task.trainable.parameters()):,} parameters"
+        print(f"stage {stage}: {len(dataset)} samples, {what}, run dir {output_dir}")
         (output_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=1))
     diagnostics = RetentionDiagnostics(task, output_dir, log) if stage == 2 and state.is_main_process else None
     final = train(task, dataset, collate, loop, output_dir, log=log, resume=cfg.resume, on_step=diagnostics)
@@ -120,7 +134,15 @@ def run(cfg: DictConfig) -> Path:
         diagnostics.finish()
     if state.is_main_process:
         # quoted: a sweep's job directory has "=" and "," in its name, which Hydra's override grammar would parse
-        print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal \"classifier='{final}'\"")
+        if stage == "lora":
+            choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+            pruner = choices.get("pruner", "pdrop")
+            print(
+                f"LoRA adapter (trained with pruner={pruner}) saved to {final}\n  evaluate: python -m covipal.eval "
+                f"pruner={pruner} pruner.reserve_ratio={cfg.pruner.reserve_ratio} \"adapter='{final}'\""
+            )
+        else:
+            print(f"PPM saved to {final}\n  evaluate: python -m covipal.eval pruner=covipal \"classifier='{final}'\"")
     return final
 
 

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The miniature pipeline end to end on the tiny default (CPU, no download): stage 1, stage 2 from it, then
-# `covipal.eval` of no pruning, FastV and CoViPAL (the stage-1 and the stage-2 PPM) at r = 0.5 and 0.25 on the
-# tiny world's four benchmarks through VLMEvalKit, and the table of that sweep (`covipal.report`).
-# The first run also pretrains the tiny model (cached afterwards). Extra arguments go to both training runs.
-#   bash scripts/tiny_pipeline.sh          RUN=outputs/pipeline/mine QUESTIONS=200 bash scripts/tiny_pipeline.sh
+# The miniature pipeline end to end on the tiny default (CPU, no download): stage 1, stage 2 from it, PDrop*'s
+# LoRA run, then `covipal.eval` of no pruning, CoViPAL (the stage-1 and the stage-2 PPM) and every baseline
+# (FastV, PyramidDrop, PDrop*, SparseVLM, VisionZip, ViTCoP, random, pool) at r = 0.5 and 0.25 on the tiny
+# world's four benchmarks through VLMEvalKit, and the table of that sweep (`covipal.report`). SparseVLM runs at
+# 0.3 instead of 0.25, the lowest average its rule reaches on 4 layers. The first run also pretrains the tiny
+# model (cached afterwards). Extra arguments go to the three training runs.
+#   bash scripts/tiny_pipeline.sh          RUN=outputs/pipeline/mine QUESTIONS=500 bash scripts/tiny_pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 RUN="${RUN:-outputs/pipeline/$(date +%Y-%m-%d_%H-%M-%S)}"
-QUESTIONS="${QUESTIONS:-500}"
+QUESTIONS="${QUESTIONS:-200}"
 "$PY" -m covipal.train stage=1 "hydra.run.dir=$RUN/stage1" "$@"
 "$PY" -m covipal.train stage=2 "stage2.init=$RUN/stage1/final" "hydra.run.dir=$RUN/stage2" "$@"
+"$PY" -m covipal.train stage=lora pruner=pdrop pruner.reserve_ratio=0.25 "hydra.run.dir=$RUN/pdrop_star" "$@"
 EVAL=(num_samples="$QUESTIONS" "hydra.sweep.dir=$RUN/eval")
 "$PY" -m covipal.eval -m pruner=none "${EVAL[@]}"
-"$PY" -m covipal.eval -m pruner=fastv pruner.reserve_ratio=0.5,0.25 "${EVAL[@]}"
+"$PY" -m covipal.eval -m pruner=fastv,pdrop,visionzip,vitcop,random,pool pruner.reserve_ratio=0.5,0.25 "${EVAL[@]}"
+"$PY" -m covipal.eval -m pruner=sparsevlm pruner.reserve_ratio=0.5,0.3 "${EVAL[@]}"
+"$PY" -m covipal.eval -m pruner=pdrop label=pdrop_star "adapter=$RUN/pdrop_star/final" pruner.reserve_ratio=0.5,0.25 \
+    "${EVAL[@]}"
 "$PY" -m covipal.eval -m pruner=covipal label=covipal_stage1 "classifier=$RUN/stage1/final" \
     pruner.reserve_ratio=0.5,0.25 "${EVAL[@]}"
 "$PY" -m covipal.eval -m pruner=covipal label=covipal "classifier=$RUN/stage2/final" \

@@ -31,6 +31,14 @@ def run(module: str, args: list[str], env: dict, cwd: Path) -> subprocess.Comple
     )
 
 
+def evaluate(args: list[str], env: dict, tmp_path: Path) -> dict:
+    """`covipal.eval` of 4 questions per benchmark with `args` on the untrained tiny model; its metrics.json."""
+    small = ["model.pretrain.steps=0", "num_samples=4", f"hydra.run.dir={tmp_path / 'eval'}"]
+    result = run("covipal.eval", [*args, *small], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     env = dict(os.environ, COVIPAL_CACHE=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1")
@@ -41,7 +49,7 @@ def env(tmp_path_factory):
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_configs_compose(experiment):
     cfg = api.compose("train", [f"experiment={experiment}"])
-    assert cfg.stage in (1, 2)
+    assert cfg.stage in (1, 2, "lora")
     assert cfg.model._target_.startswith("covipal.")
     assert all(node._target_.startswith("covipal.data.") for node in cfg.data.sources.values())
 
@@ -69,25 +77,36 @@ def test_stage1_runs_resumes_and_feeds_eval(env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 4
-    evaluation = run(
-        "covipal.eval",
-        [
-            "pruner=covipal",
-            f"classifier={run_dir / 'final'}",
-            "model.pretrain.steps=0",
-            "num_samples=4",
-            f"hydra.run.dir={tmp_path / 'eval'}",
-        ],
-        env,
-        tmp_path,
-    )
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    evaluate(["pruner=covipal", f"classifier={run_dir / 'final'}"], env, tmp_path)
+
+
+@pytest.mark.slow
+def test_pdrop_star_trains_lora_and_its_adapter_feeds_eval(env, tmp_path):
+    run_dir = tmp_path / "lora"
+    args = ["stage=lora", "train.max_steps=2", "lora.rank=4", f"hydra.run.dir={run_dir}", *SMALL]
+    result = run("covipal.train", args, env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA " in result.stdout and "trainable parameters" in result.stdout
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["reserve_ratio"] < 0.6 for r in rows)
+    metrics = evaluate(["pruner=pdrop", f"adapter={run_dir / 'final'}"], env, tmp_path)
+    assert metrics["method"] == "pdrop*" and metrics["adapter"] == str(run_dir / "final")
+
+
+def test_paper_pdrop_star_settings():
+    cfg = api.compose("train", ["experiment=pdrop_star_llava_ov"])
+    assert cfg.stage == "lora" and cfg.model.name == "llava_ov"
+    assert cfg.pruner._target_.endswith("PyramidDropPruner") and cfg.pruner.reserve_ratio == 0.25
+    assert list(cfg.pruner.layers) == [2, 8, 16] and cfg.lora.rank == 32
+    assert cfg.data.sources.llava_next.fraction == 0.10 and cfg.train.precision == "bf16"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["stage=3"], "stage=3 is not available"),
+        (["stage=lora", "pruner.layers=[3]"], "use pruner.layers=[0, 1, 2]"),
         (["stage1.query_rows=middle"], "query_rows='middle'"),
         (["stage1.guidance_layer=40"], "guidance_layer=40"),
         (["train.batch_size=100"], "fewer than train.batch_size=100"),

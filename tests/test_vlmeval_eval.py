@@ -314,3 +314,21 @@ def test_the_local_video_set_prompts_models_without_their_own(data_root):
     assert text.endswith(LocalVideoMCQ.INSTRUCTION)
     as_frames = dataset.build_prompt(0, video_llm=False)
     assert [item["type"] for item in as_frames] == ["image"] * 4 + ["text"] and as_frames[-1]["value"] == text
+
+
+def test_a_run_directory_refuses_results_of_another_configuration(tmp_path):
+    """Resume reuses predictions: a job whose excluded path (adapter, classifier) differs must not reuse them."""
+    from covipal.eval import claim_output_dir
+
+    first = api.compose("eval", ["pruner=pdrop", "adapter=/runs/a/final"])
+    claim_output_dir(tmp_path, first, write=True)
+    claim_output_dir(tmp_path, api.compose("eval", ["pruner=pdrop", "adapter=/runs/a/final"]), write=True)  # same
+    with pytest.raises(CovipalError, match=r"adapter differ.*label=") as error:
+        claim_output_dir(tmp_path, api.compose("eval", ["pruner=pdrop", "adapter=/runs/b/final"]), write=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(CovipalError, match="pruner differ"):
+        claim_output_dir(
+            tmp_path,
+            api.compose("eval", ["pruner=pdrop", "adapter=/runs/a/final", "pruner.reserve_ratio=0.25"]),
+            write=True,
+        )

@@ -16,6 +16,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from covipal.cache import cached_directory
 from covipal.errors import CovipalError
+from covipal.models.adapters import merge_adapter
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.models.tokenizer import TOKENIZER_VERSION
 
@@ -125,8 +126,10 @@ def load_pretrained(
     ppm: dict | None = None,
     layer_plan: dict | None = None,
     evaluation: dict | None = None,
+    adapter: str | None = None,
 ) -> LoadedModel:
-    """Load model and processor with `from_pretrained`, from a hub id or a local directory."""
+    """Load model and processor with `from_pretrained`, from a hub id or a local directory; `adapter`: a LoRA
+    adapter (e.g. PDrop*'s) merged into the weights."""
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     attention = resolve_attention(attn_implementation, target)
@@ -144,6 +147,8 @@ def load_pretrained(
     except OSError:
         raise missing from None
     check_processor_matches(model, processor, name_or_path)
+    if adapter:
+        model = merge_adapter(model, adapter)
     model.to(target).eval()
     name = name or Path(str(name_or_path)).name
     return LoadedModel(

@@ -34,3 +34,22 @@ def keep_top_visual(scores: torch.Tensor, visual: torch.Tensor, budget: torch.Te
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
     return ~visual | (rank < budget[:, None])
+
+
+def split_budget(sizes: list[int], total: int) -> list[int]:
+    """Split `total` kept tokens over groups of `sizes` in proportion (largest remainder, ties to the earlier
+    group), never more than a group holds. Used to give each crop or frame its share of a sample's budget."""
+    total = min(int(total), sum(sizes))
+    if not sizes:
+        return []
+    whole = sum(sizes)
+    exact_shares = [total * size / whole for size in sizes]
+    shares = [min(size, int(share)) for size, share in zip(sizes, exact_shares)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact_shares[i] - int(exact_shares[i])), i))
+    while sum(shares) < total:
+        for i in order:
+            if sum(shares) == total:
+                break
+            if shares[i] < sizes[i]:
+                shares[i] += 1
+    return shares

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from covipal.errors import CovipalError
-from covipal.pruning.context import LayerContext, Pruner
+from covipal.pruning.context import LayerContext, Merge, Pruner
 from covipal.pruning.sequence import Compaction
 
 _MARK = "_covipal_pruning_session"
@@ -125,6 +125,9 @@ class PruningSession:
                 for index in sorted(watched):
                     hook = self._make_layer_hook(index)
                     self._handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+            attach = getattr(self.pruner, "attach", None)
+            if attach is not None:
+                self._handles.extend(attach(self.model))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -204,12 +207,14 @@ class PruningSession:
             n_visual=n_visual,
             language_model=self.language_model,
             extras=self.extras,
+            source_index=torch.arange(length, device=embeds.device).expand(batch, length),
         )
-        new = self._drop(stage, self._select(context) | ~stage.visual, layer=0)
+        keep, merged = self._select(context)
+        new = self._drop(stage, keep | ~stage.visual, layer=0)
         if new is None:
             return None
         kwargs = dict(kwargs)
-        kwargs["inputs_embeds"] = new.compaction.gather(embeds)
+        kwargs["inputs_embeds"] = new.compaction.gather(embeds if merged is None else merged)
         kwargs["attention_mask"] = new.mask2d.to(mask.dtype if mask is not None else torch.long)
         kwargs["position_ids"] = new.position_ids
         return args, kwargs
@@ -274,10 +279,12 @@ class PruningSession:
                 n_visual=record.n_visual,
                 language_model=self.language_model,
                 extras=self.extras,
+                source_index=self._source_index(stage, hidden),
             )
-            new = self._drop(stage, self._select(context) | ~stage.visual, index, embeddings)
+            keep, merged = self._select(context)
+            new = self._drop(stage, keep | ~stage.visual, index, embeddings)
             if new is not None:
-                hidden = new.local.gather(hidden)
+                hidden = new.local.gather(hidden if merged is None else merged)
                 new.layer_mask = self._layer_mask(hidden, new.mask2d, kwargs, index)
                 stage = new
         if index + 1 in self._inner_drops:
@@ -293,12 +300,21 @@ class PruningSession:
         return (hidden, *args[1:]), kwargs
 
     # -- helpers --------------------------------------------------------------------------------------------
-    def _select(self, context: LayerContext) -> torch.Tensor:
-        """The pruner's keep mask, timed into the record."""
+    @staticmethod
+    def _source_index(stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
+        if stage.compaction is not None:
+            return stage.compaction.index
+        batch, length = hidden.shape[:2]
+        return torch.arange(length, device=hidden.device).expand(batch, length)
+
+    def _select(self, context: LayerContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pruner's keep mask and, for merging pruners, the hidden states to gather; timed into the record."""
         start = _now(self.model)
-        keep = self.pruner.select(context)
+        choice = self.pruner.select(context)
         self._record.select_seconds += _now(self.model) - start
-        return keep
+        if isinstance(choice, Merge):
+            return choice.keep, choice.hidden_states
+        return choice, None
 
     def _drop(self, stage: Stage, keep: torch.Tensor, layer: int, position_embeddings=None) -> Stage | None:
         """Record a new stage keeping `keep` (over the current stage's tokens); None if nothing is dropped.

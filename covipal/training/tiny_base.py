@@ -55,6 +55,7 @@ def load_tiny(
     ppm: dict | None = None,
     layer_plan: dict | None = None,
     evaluation: dict | None = None,
+    adapter: str | None = None,
 ) -> LoadedModel:
     """Load the tiny model (pretraining it first when the cache lacks it)."""
     directory = tiny_base_checkpoint(TinySpec(**(spec or {})), PretrainRecipe(**(pretrain or {})), cache_dir)
@@ -67,4 +68,5 @@ def load_tiny(
         ppm=ppm,
         layer_plan=layer_plan,
         evaluation=evaluation,
+        adapter=adapter,
     )

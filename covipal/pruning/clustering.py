@@ -1,0 +1,89 @@
+"""Density-peak clustering, as SparseVLM (kNN density, for recycling) and ViTCoP (Gaussian density within a
+spatial neighbourhood, VIC) use it: a token is a centre when it is dense and far from any denser token."""
+
+from __future__ import annotations
+
+import torch
+
+
+def nearest_denser(density: torch.Tensor, distance: torch.Tensor, allowed: torch.Tensor | None = None):
+    """(δ, parent, has_parent): each token's distance to, and index of, the nearest token of higher density
+    (among `allowed` pairs); a token with none gets the largest distance it has to any token. Ties in density
+    break by index, so "denser" is a total order."""
+    n = density.shape[0]
+    index = torch.arange(n, device=density.device)
+    higher = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    )
+    if allowed is not None:
+        higher = higher & allowed
+    masked = distance.masked_fill(~higher, float("inf"))
+    nearest, parent = masked.min(dim=1)
+    has_parent = torch.isfinite(nearest)
+    delta = torch.where(has_parent, nearest, distance.max(dim=1).values)
+    return delta, parent, has_parent
+
+
+def assign_to_centres(distance: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Cluster label (index into `centres`) of every token: its nearest centre; centres label themselves."""
+    labels = distance[:, centres].argmin(dim=1)
+    labels[centres] = torch.arange(len(centres), device=distance.device)
+    return labels
+
+
+def knn_density_peaks(features: torch.Tensor, clusters: int, k: int = 5) -> torch.Tensor:
+    """DPC-kNN (SparseVLM's recycling): ρ_i = exp(−mean of squared distances to the k nearest), centres = the
+    `clusters` largest ρ·δ. Returns labels [n] in 0..clusters-1."""
+    n = features.shape[0]
+    clusters = max(1, min(clusters, n))
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=features.device)
+    distance = torch.cdist(features.float()[None], features.float()[None])[0] / features.shape[-1] ** 0.5
+    k = max(1, min(k, n - 1))
+    nearest = torch.topk(distance, k + 1, dim=1, largest=False).values[:, 1:]
+    density = torch.exp(-(nearest**2).mean(dim=1))
+    gamma = density * nearest_denser(density, distance)[0]
+    centres = torch.sort(torch.argsort(gamma, descending=True, stable=True)[:clusters]).values
+    return assign_to_centres(distance, centres)
+
+
+def cutoff_distance(distance: torch.Tensor, quantile: float = 0.02) -> float:
+    """The usual density-peak rule of thumb: a cutoff that makes about `quantile` of all pairs neighbours."""
+    n = distance.shape[0]
+    off_diagonal = distance[~torch.eye(n, dtype=torch.bool, device=distance.device)]
+    if off_diagonal.numel() == 0:
+        return 1.0
+    return max(float(torch.quantile(off_diagonal.float(), quantile)), 1e-6)
+
+
+def visual_information_clusters(
+    features: torch.Tensor,
+    places: torch.Tensor,
+    centre_ratio: float,
+    cutoff: float | None = None,
+    spatial: float = 0.6,
+    same_view: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ViTCoP's VIC. ρ_i = Σ_{j≠i} exp(−(d_ij/d_c)²) on feature distances; δ_i = distance to the nearest denser
+    token within spatial distance `spatial` (on the normalised grid `places` [n, 2], and in the same view);
+    the ⌈n·ratio⌉ largest ρ·δ are centres; the others take the label of their nearest denser neighbour, densest
+    first (a token with none joins its nearest centre). Returns labels [n] in 0..centres-1."""
+    n = features.shape[0]
+    distance = torch.cdist(features.float()[None], features.float()[None])[0]
+    d_c = cutoff if cutoff is not None else cutoff_distance(distance)
+    similarity = torch.exp(-((distance / d_c) ** 2))
+    density = similarity.sum(1) - similarity.diagonal()
+    near = torch.cdist(places.float()[None], places.float()[None])[0] <= spatial
+    if same_view is not None:
+        near = near & same_view
+    delta, parent, has_parent = nearest_denser(density, distance, near)
+    centres_count = max(1, min(n, -(-int(n * centre_ratio * 1e6) // 1_000_000)))  # ceil, robust to float noise
+    centres = torch.sort(torch.argsort(density * delta, descending=True, stable=True)[:centres_count]).values
+    labels = torch.full((n,), -1, dtype=torch.long, device=features.device)
+    labels[centres] = torch.arange(centres_count, device=features.device)
+    nearest_centre = distance[:, centres].argmin(1)
+    for i in torch.argsort(density, descending=True, stable=True).tolist():
+        if labels[i] >= 0:
+            continue
+        labels[i] = labels[parent[i]] if bool(has_parent[i]) and labels[parent[i]] >= 0 else nearest_centre[i]
+    return labels

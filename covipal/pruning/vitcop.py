@@ -1,0 +1,178 @@
+"""ViTCoP: vision-side filtering, then collaborative pruning in a shallow LLM layer and key-norm pruning in a deep
+one (papers/vitcop.md; BASELINES.md for the released code's choices).
+
+- Stage I (before the LLM, with the vision tower's facts): keep floor(V · n_v) visual tokens by the attention they
+  received in the tower (mean over heads and query rows; SigLIP has no CLS token). Then cluster them with VIC on
+  their tower keys: density with cutoff d_c, nearest denser token within spatial distance τ on the normalised grid
+  of the same crop or frame, the ⌈p·n⌉ largest ρ·δ as centres.
+- Stage II (input of LLM layer S): key norm = mean over heads of ‖k_h‖ in that layer (RoPE rotates pairs, so it
+  does not change norms; smaller = more important). Budget k2: each cluster keeps its lowest-norm elites, by a
+  quota proportional to its size out of k2 − (#clusters), and the rest of the cluster becomes one token, the mean,
+  in the slot of the rest's median position. Quotas are floored as in the paper, and the leftover elites go to
+  the largest remainders, so the stage keeps exactly k2.
+- Stage III (input of layer D): the lowest-norm floor(k2 / 5) stay.
+k2 is solved from the average r: [S·k1 + (D − S)·k2 + (L − D)·k2/5] / L = r·n_v, feasible when k2 ≤ k1, i.e.
+r ≤ V·(D + (L − D)/5)/L. V defaults to 0.3 + 0.8·r (0.7 at r = 0.5, 0.5 at r = 0.25), raised to what r needs.
+d_c: the paper's 8 is for CLIP keys; by default it is the 2% quantile of the sample's key distances, so it
+adapts to SigLIP's (and the tiny model's) key scale. p follows the paper's 0.18 / 0.15 / 0.12 at r = 1/3, 2/9,
+1/9, interpolated in r."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from covipal.errors import CovipalError
+from covipal.pruning.budget import check_ratio, keep_top_visual, split_budget
+from covipal.pruning.clustering import visual_information_clusters
+from covipal.pruning.context import LayerContext, Merge
+from covipal.pruning.schedules import check_layers
+from covipal.pruning.vision_tokens import VisionTokens
+
+CENTRE_RATIOS = ((1 / 9, 0.12), (2 / 9, 0.15), (1 / 3, 0.18))
+STAGE3_SHARE = 0.2
+
+
+def centre_ratio(reserve_ratio: float) -> float:
+    xs, ys = zip(*CENTRE_RATIOS)
+    return float(np.interp(reserve_ratio, xs, ys))
+
+
+def key_norms(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T]: mean over key heads of the L2 norm of each token's key in `layer` (from its input `hidden`)."""
+    attn = layer.self_attn
+    keys = attn.k_proj(layer.input_layernorm(hidden))
+    keys = keys.view(*hidden.shape[:2], -1, attn.head_dim).float()
+    return keys.norm(dim=-1).mean(-1)
+
+
+def vitcop_counts(reserve_ratio: float, vision_keep: float, n_visual: int, S: int, D: int, L: int):
+    """(k1, k2, k3) visual tokens kept by stages I, II, III for one sample (see the module docstring)."""
+    k1 = max(1, int(np.floor(vision_keep * n_visual + 1e-9)))
+    k2 = (reserve_ratio * n_visual * L - S * k1) / ((D - S) + (L - D) * STAGE3_SHARE)
+    k2 = int(min(k1, max(1, round(k2))))
+    return k1, k2, max(1, int(k2 * STAGE3_SHARE))
+
+
+class ViTCoPPruner:
+    def __init__(
+        self,
+        reserve_ratio: float = 0.5,
+        layers: list[int] | None = None,
+        vision_keep: float | None = None,
+        cutoff: float | None = None,
+        spatial: float = 0.6,
+        centres: float | None = None,
+    ):
+        """layers: [S, D], the LLM layers of stages II and III (default: the model's layer plan).
+        vision_keep: V, stage I's keep fraction (None: 0.3 + 0.8·r, raised if r needs more).
+        cutoff: VIC's d_c (None: 2% quantile of key distances). spatial: τ. centres: p (None: from r)."""
+        self.reserve_ratio = check_ratio(reserve_ratio)
+        self.layers = None if layers is None else [int(layer) for layer in layers]
+        self.vision_keep = vision_keep
+        self.cutoff = cutoff
+        self.spatial = float(spatial)
+        self.centres = centres
+        self.tokens = VisionTokens(with_attention=True, with_keys=True)
+        self._labels: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def drop_layers(self) -> tuple[int, ...]:
+        if self.layers is None or len(self.layers) != 2:
+            raise CovipalError(
+                f"pruner.layers={self.layers} must be [S, D], the LLM layers of ViTCoP's stages II and III"
+            )
+        return (0, *self.layers)
+
+    def setup(self, model) -> None:
+        self.num_layers = model.config.text_config.num_hidden_layers
+        S, D = check_layers(self.layers, self.num_layers)
+        if S < 1:
+            raise CovipalError(f"pruner.layers={self.layers}: stage II needs S >= 1 (stage I is before the LLM)")
+        reach = (D + (self.num_layers - D) * STAGE3_SHARE) / self.num_layers
+        needed = self.reserve_ratio / reach
+        keep = (
+            self.vision_keep if self.vision_keep is not None else min(1.0, max(0.3 + 0.8 * self.reserve_ratio, needed))
+        )
+        if keep < needed - 1e-9 or needed > 1.0:
+            feasible = min(math.ceil(needed * 1000) / 1000, 1.0)
+            raise CovipalError(
+                f"vitcop with V={keep} and layers [{S}, {D}] on {self.num_layers} layers cannot average "
+                f"pruner.reserve_ratio={self.reserve_ratio}; use pruner.vision_keep>={feasible}"
+                + ("" if needed <= 1.0 else " and a later stage III layer (pruner.layers)")
+            )
+        self.solved_vision_keep = keep
+        self.solved_centres = self.centres if self.centres is not None else centre_ratio(self.reserve_ratio)
+
+    def attach(self, model) -> list:
+        return self.tokens.attach(model)
+
+    def select(self, context: LayerContext) -> torch.Tensor | Merge:
+        if context.layer == 0:
+            return self._stage1(context)
+        if context.layer == self.layers[0]:
+            return self._stage2(context)
+        return self._stage3(context)
+
+    def _stage1(self, context: LayerContext) -> torch.Tensor:
+        facts = self.tokens.facts()
+        S, D = self.layers
+        counts = [
+            vitcop_counts(self.reserve_ratio, self.solved_vision_keep, int(n), S, D, self.num_layers)
+            if n > 0
+            else (0, 0, 0)
+            for n in context.n_visual.tolist()
+        ]
+        self._counts = torch.tensor(counts, device=context.visual.device)
+        scores = torch.where(facts.view >= 0, facts.score, facts.score - 1.0)  # newline tokens rank last
+        keep = keep_top_visual(scores, context.visual, self._counts[:, 0])
+        self._labels = torch.full_like(facts.view, -1)
+        for b in range(keep.shape[0]):
+            kept = torch.nonzero(keep[b] & context.visual[b]).squeeze(1)
+            if kept.numel() == 0:
+                continue
+            views = facts.view[b, kept]
+            labels = visual_information_clusters(
+                facts.keys[b, kept],
+                torch.stack([facts.row[b, kept], facts.col[b, kept]], dim=1),
+                self.solved_centres,
+                cutoff=self.cutoff,
+                spatial=self.spatial,
+                same_view=views[:, None] == views[None, :],
+            )
+            self._labels[b, kept] = labels
+        return keep
+
+    def _stage2(self, context: LayerContext) -> Merge:
+        norms = key_norms(context.language_model.layers[context.layer], context.hidden_states)
+        labels = self._labels.gather(1, context.source_index)
+        keep = ~context.visual
+        hidden = context.hidden_states.clone()
+        for b in range(keep.shape[0]):
+            visual = torch.nonzero(context.visual[b]).squeeze(1)
+            if visual.numel() == 0:
+                continue
+            budget = int(self._counts[b, 1])
+            token_labels = labels[b, visual]
+            clusters = [visual[token_labels == c] for c in torch.unique(token_labels).tolist()]
+            clusters = sorted(clusters, key=lambda members: int(members[0]))
+            groups = min(len(clusters), budget)
+            # Clusters beyond the budget (more clusters than k2): the smallest are merged into nothing and dropped.
+            clusters = sorted(clusters, key=lambda members: -len(members))[:groups]
+            clusters = sorted(clusters, key=lambda members: int(members[0]))
+            elites = split_budget([len(members) - 1 for members in clusters], budget - groups)
+            for members, quota in zip(clusters, elites):
+                order = members[torch.argsort(norms[b, members], stable=True)]
+                keep[b, order[:quota]] = True
+                rest = torch.sort(order[quota:]).values
+                slot = rest[(len(rest) - 1) // 2]
+                keep[b, slot] = True
+                hidden[b, slot] = context.hidden_states[b, rest].mean(0)
+        return Merge(keep, hidden)
+
+    def _stage3(self, context: LayerContext) -> torch.Tensor:
+        norms = key_norms(context.language_model.layers[context.layer], context.hidden_states)
+        return keep_top_visual(-norms, context.visual, self._counts[:, 2])
