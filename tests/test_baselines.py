@@ -242,6 +242,7 @@ def test_pool_mean_gives_each_cell_the_mean_of_its_tokens(tiny_dir, processor, k
     inputs = to_float64(get_inputs(processor, kind))
     embeds = stock_embeddings(float64_model(tiny_dir, "sdpa", "pristine"), inputs)[0]
     pruner = make("pool", 0.25)
+    pruner.tokens.frozen = True  # keep the recorded facts for inspection after the run
     seen, handle = layer0_inputs(model)
     try:
         record, _ = run(model, inputs, pruner)
@@ -294,6 +295,7 @@ def test_visionzip_merge_folds_each_token_into_its_most_similar_target():
 def test_visionzip_keeps_the_most_attended_tokens_of_each_view(sdpa_model, processor):
     inputs = get_inputs(processor, "video")
     pruner = make("visionzip", 0.5)
+    pruner.tokens.frozen = True  # keep the recorded facts for inspection after the run
     record, _ = run(sdpa_model, inputs, pruner)
     facts = pruner.tokens.facts()
     kept = keep_from_compaction(record.kept, inputs["input_ids"].shape[1])[0]
@@ -388,13 +390,22 @@ def test_runs_are_deterministic(sdpa_model, processor, name):
     assert torch.equal(first.kept.index, second.kept.index) and torch.equal(logits, again)
 
 
+@pytest.mark.parametrize("kind", ["batch", "video"])
 @pytest.mark.parametrize("name", METHODS)
-def test_generate_runs_with_the_cache(sdpa_model, processor, name):
-    inputs = get_inputs(processor, "batch")
+def test_generate_keeps_what_a_forward_keeps(sdpa_model, processor, name, kind):
+    """generate() encodes the pixels before its first forward; the methods must see the same layout and tower
+    facts there, so its prefill keeps exactly the tokens a plain forward keeps."""
+    inputs = get_inputs(processor, kind)
+    forward, logits = run(sdpa_model, inputs, make(name, 0.25))
     with torch.no_grad(), PruningSession(sdpa_model, make(name, 0.25)) as session:
         out = sdpa_model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
-    assert session.record.layer_visual_tokens[-1].max() < session.record.n_visual.max()
+    prefill = session.record
+    assert torch.equal(prefill.layer_visual_tokens, forward.layer_visual_tokens)
+    for stage, other in zip(prefill.stages[1:], forward.stages[1:], strict=True):
+        mine, theirs = stage.compaction, other.compaction
+        assert torch.equal(mine.index[mine.valid], theirs.index[theirs.valid])
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]], logits[:, -1].argmax(-1))
 
 
 # -- scores on the fused path equal eager attention weights --------------------------------------------------------
@@ -451,10 +462,11 @@ def test_tower_attention_received_equals_eager_siglip(tiny_dir, processor):
     try:
         with torch.no_grad():
             model(**inputs)
-            tower = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True)
     finally:
         for handle in handles:
             handle.remove()
+    with torch.no_grad():
+        tower = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True)
     facts = tokens.facts()
     from covipal.pruning.vision_tokens import scoring_layer
 

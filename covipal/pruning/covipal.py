@@ -55,7 +55,7 @@ class CoViPALPruner:
                 "use a classifier trained for this model"
             )
         parameter = next(model.parameters())
-        self.ppm.to(device=parameter.device).eval()
+        self.ppm.to(device=parameter.device, dtype=parameter.dtype).eval()  # the model's precision (bf16 on GPU)
 
     def scores(self, context: LayerContext) -> torch.Tensor:
         """PPM scores [B, T] of every token (the session only uses the visual ones)."""

@@ -19,6 +19,8 @@ are the patch embeddings themselves (no layer produced them), the first layer, w
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,39 +83,63 @@ class VisionTokens:
         self.with_attention = with_attention
         self.with_keys = with_keys
         self.model: nn.Module | None = None
-        self._inputs: dict = {}
-        self._tower_calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._input_ids: torch.Tensor | None = None
+        self._encoded: dict[str, dict] = {}  # "images" / "videos" -> what the tower saw of the current input
+        # The efficiency harness times the LLM on precomputed features: it records the tower's facts once with a
+        # full forward, then freezes them for later calls on the same input.
+        self.frozen = False
+        self.tower_seconds = 0.0  # time spent recomputing the tower layer's attention (the method's own cost)
 
     def attach(self, model: nn.Module) -> list:
         self.model = model
-        handles = [model.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)]
-        if self.with_attention or self.with_keys:
-            layer = model.model.vision_tower.encoder.layers[scoring_layer(model)]
-            handles.append(layer.register_forward_pre_hook(self._record_tower, with_kwargs=True))
-        return handles
+        self._encoded = {}
+        layer = model.model.vision_tower.encoder.layers[scoring_layer(model)]
+        return [
+            model.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
+            layer.register_forward_pre_hook(self._record_tower, with_kwargs=True),
+        ]
 
     def _record_inputs(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             return None  # a decoding step: the prefill's facts stay
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._tower_calls = []
-        self._inputs = {}
-        if input_ids is not None:
-            self._inputs = {
-                "input_ids": input_ids,
-                "image_sizes": kwargs.get("image_sizes"),
-                "batch_num_images": kwargs.get("batch_num_images"),
-                "images": kwargs.get("pixel_values") is not None,
-                "videos": kwargs.get("pixel_values_videos"),
-            }
+        if self.frozen and self._input_ids is not None and input_ids is not None:
+            if input_ids.shape != self._input_ids.shape:
+                raise CovipalError("frozen tower facts belong to another input; record them again")
+        self._input_ids = input_ids
         return None
 
     def _record_tower(self, module, args, kwargs):
+        """The tower runs inside the model's `get_image_features` / `get_video_features` — called by the forward,
+        or by `generate()` before the first forward, which then gets only the features. The layout those
+        functions are given (image sizes, images per sample, frames per video) is read from their frame."""
+        if self.frozen and self._encoded:
+            return None
+        caller = _feature_function_frame()
         hidden = args[0] if args else kwargs["hidden_states"]
-        with torch.no_grad():
-            received, keys = tower_attention(module, hidden)
-        self._tower_calls.append((received, keys if self.with_keys else None))
+        received = keys = None
+        if self.with_attention or self.with_keys:
+            start = time.perf_counter()
+            with torch.no_grad():
+                received, keys = tower_attention(module, hidden)
+            if hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+            self.tower_seconds += time.perf_counter() - start
+        found = caller.f_locals
+        if caller.f_code.co_name == "get_image_features":
+            self._encoded["images"] = {
+                "image_sizes": found["image_sizes"],
+                "batch_num_images": found.get("batch_num_images"),
+                "received": received,
+                "keys": keys if self.with_keys else None,
+            }
+        else:
+            self._encoded["videos"] = {
+                "shape": (int(found["batch_size"]), int(found["frames"])),  # locals of get_video_features
+                "received": received,
+                "keys": keys if self.with_keys else None,
+            }
         return None
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -136,10 +162,11 @@ class VisionTokens:
             channels.append(keys.float())
         return torch.cat(channels, dim=-1)
 
-    def _image_channels(self, received, keys) -> list[torch.Tensor]:
+    def _image_channels(self, encoded: dict) -> list[torch.Tensor]:
         model, config = self.model, self.model.config
-        sizes = self._inputs["image_sizes"]
-        counts = self._inputs["batch_num_images"]
+        received, keys = encoded["received"], encoded["keys"]
+        sizes = encoded["image_sizes"]
+        counts = encoded["batch_num_images"]
         patching = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
         crop_counts = [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
@@ -175,11 +202,12 @@ class VisionTokens:
         )
         return packed
 
-    def _video_channels(self, received, keys) -> list[torch.Tensor]:
+    def _video_channels(self, encoded: dict) -> list[torch.Tensor]:
         model, config = self.model, self.model.config
-        videos, frames = self._inputs["videos"].shape[:2]
+        received, keys = encoded["received"], encoded["keys"]
+        videos, frames = encoded["shape"]
         side = config.vision_config.image_size // config.vision_config.patch_size
-        views = VIDEO_VIEWS + torch.arange(videos * frames, device=self._inputs["input_ids"].device)
+        views = VIDEO_VIEWS + torch.arange(videos * frames, device=self._input_ids.device)
         channels = self._channels(videos * frames, side, received, keys, views)
         pooled = model.model.apply_pooling(channels)  # the same bilinear pooling the features get
         pooled = pooled.reshape(videos, -1, pooled.shape[-1])
@@ -193,27 +221,31 @@ class VisionTokens:
         return sentinel
 
     def facts(self) -> TokenFacts:
-        """The recorded forward's facts over its [B, T] input positions (raises if no forward was recorded)."""
-        if not self._inputs:
-            raise CovipalError("this pruner reads the vision tower; call the model with input_ids and pixels")
-        input_ids = self._inputs["input_ids"]
+        """The current input's facts over its [B, T] positions. The record is used up (a later input encodes its
+        own), unless frozen."""
+        if self._input_ids is None:
+            raise CovipalError("this pruner reads the vision tower; call the model with input_ids")
+        input_ids = self._input_ids
         config = self.model.config
-        calls = list(self._tower_calls)
-        needs_tower = self.with_attention or self.with_keys
-        width = FIXED + (calls[0][1].shape[-1] if self.with_keys and calls else 0)
-        table = torch.zeros(*input_ids.shape, width, device=input_ids.device)
+        encoded = self._encoded
+        if not self.frozen:
+            self._encoded = {}
+        keys_width = next((e["keys"].shape[-1] for e in encoded.values() if e["keys"] is not None), 0)
+        table = torch.zeros(*input_ids.shape, FIXED + keys_width, device=input_ids.device)
         table[..., :3] = NEWLINE
         for kind, token_id, build in (
             ("images", config.image_token_id, self._image_channels),
             ("videos", config.video_token_id, self._video_channels),
         ):
-            if self._inputs[kind] is None or self._inputs[kind] is False:
-                continue
-            if needs_tower and not calls:
-                raise CovipalError("this pruner reads the vision tower but the model got precomputed features")
-            received, keys = calls.pop(0) if needs_tower else (None, None)
-            packed = torch.cat(build(received, keys), dim=0)
             places = input_ids == token_id
+            if not bool(places.any()):
+                continue
+            if kind not in encoded:
+                raise CovipalError(
+                    f"this pruner reads the vision tower, but the {kind} of this input were not encoded by it "
+                    "(precomputed features?); pass pixels to the model or to generate()"
+                )
+            packed = torch.cat(build(encoded[kind]), dim=0)
             if int(places.sum()) != packed.shape[0]:
                 raise CovipalError(f"{int(places.sum())} {kind} placeholders but {packed.shape[0]} packed tokens")
             table[places] = packed.to(table.dtype)
@@ -224,6 +256,21 @@ class VisionTokens:
             score=table[..., 3],
             keys=table[..., FIXED:] if self.with_keys else None,
         )
+
+
+def _feature_function_frame():
+    """The frame of the model's get_image_features / get_video_features that called the tower."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in ("get_image_features", "get_video_features") and (
+            "image_sizes" in frame.f_locals or "frames" in frame.f_locals
+        ):
+            return frame
+        frame = frame.f_back
+    raise CovipalError(
+        "the vision tower ran outside the model's get_image_features / get_video_features; vision-side pruners "
+        "read the image layout there"
+    )
 
 
 def budget_over_views(visual: torch.Tensor, view: torch.Tensor, total: int):

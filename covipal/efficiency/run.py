@@ -1,0 +1,228 @@
+"""The harness's loop: per input, the vision tower once, then every method (interleaved repeat by repeat, so
+machine noise hits all alike), then memory (one fresh process per method on CPU), FLOPs and ratios against
+`none` from the same run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from covipal.api import build_model, compose
+from covipal.cli import CONFIG_DIR
+from covipal.efficiency.flops import decode_flops_per_token, llm_prefill_flops, ppm_flops, vision_flops
+from covipal.efficiency.inputs import build_input, input_name
+from covipal.efficiency.measure import Encoded, bare_reference, encode, measure, prime
+from covipal.efficiency.memory import PeakSampler, measure_in_fresh_processes
+from covipal.errors import CovipalError
+
+
+def make_pruner(cfg: DictConfig, method: str, ratio: float):
+    path = CONFIG_DIR / "pruner" / f"{method}.yaml"
+    if not path.is_file():
+        raise CovipalError(f"bench method {method!r} has no configs/pruner/{method}.yaml")
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # unlocked copy: may gain `pruner`
+    node.pruner = OmegaConf.load(path)
+    node.pruner.reserve_ratio = ratio
+    return instantiate(node.pruner)
+
+
+def jobs(cfg: DictConfig) -> list[tuple[str, float]]:
+    return [
+        (m, 1.0) if m == "none" else (m, float(r)) for m in cfg.methods for r in ([1.0] if m == "none" else cfg.ratios)
+    ]
+
+
+def bench_inputs(cfg: DictConfig, model_name: str) -> list[dict]:
+    """`inputs`, or the input set named after the model (the real models' set for any other)."""
+    if cfg.inputs is not None:
+        return OmegaConf.to_container(cfg.inputs, resolve=True)
+    sets = OmegaConf.to_container(cfg.input_sets, resolve=True)
+    return sets.get(model_name, sets["real"])
+
+
+def build_everything(request: dict):
+    """For a fresh measuring process: the model, the encoded input and the primed pruner of `request`."""
+    cfg = compose("bench", request["overrides"])
+    loaded = build_model(cfg)
+    encoded = encode(loaded.model, build_input(loaded, request["input"]))
+    pruner = make_pruner(cfg, request["method"], request["ratio"])
+    prime(loaded.model, pruner, encoded)
+    return loaded, encoded, pruner
+
+
+def one_memory_measurement(loaded, encoded: Encoded, pruner, new_tokens: int) -> dict:
+    model = loaded.model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        measure(model, pruner, encoded, new_tokens)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "kind": "cuda max allocated"}
+    with PeakSampler() as sampler:
+        measure(model, pruner, encoded, new_tokens)
+    return {"peak_bytes": sampler.above_start, "kind": "cpu peak resident (fresh process)"}
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def run_bench(cfg: DictConfig, overrides: list[str]) -> tuple[list[dict], object]:
+    """Every method on every input; returns the result rows and the loaded model."""
+    loaded = build_model(cfg)
+    model = loaded.model
+    torch.manual_seed(cfg.seed)
+    rows: list[dict] = []
+    for spec in bench_inputs(cfg, loaded.name):
+        name = input_name(spec)
+        encoded = encode(model, build_input(loaded, spec))
+        encoded = encode(model, encoded.batch)  # the first call warms up; time the second
+        pruners, problems = {}, {}
+        for method, ratio in jobs(cfg):
+            try:
+                pruner = make_pruner(cfg, method, ratio)
+                pruner.setup(model)
+                pruners[method, ratio] = pruner
+            except CovipalError as error:
+                problems[method, ratio] = str(error)
+        scoring = {key: prime(model, pruner, encoded) for key, pruner in pruners.items()}
+        samples = {key: [] for key in pruners}
+        bare = {key: [] for key in pruners if key[0] == "covipal"}
+        rounds = cfg.warmup + cfg.repeats
+        with tqdm(total=rounds * (len(pruners) + len(bare)), desc=name, disable=not cfg.progress) as bar:
+            for round_index in range(rounds):
+                for key, pruner in pruners.items():  # interleaved: every method once per round
+                    result = measure(model, pruner, encoded, cfg.new_tokens)
+                    if round_index >= cfg.warmup:
+                        samples[key].append(result)
+                    bar.update()
+                    if key in bare:
+                        seconds = bare_reference(model, pruner, encoded, result.record)
+                        if round_index >= cfg.warmup:
+                            bare[key].append(seconds)
+                        bar.update()
+        memory = {}
+        if cfg.memory and next(model.parameters()).is_cuda:
+            memory = {key: one_memory_measurement(loaded, encoded, p, cfg.new_tokens) for key, p in pruners.items()}
+        elif cfg.memory:
+            requests = [
+                {
+                    "overrides": overrides,
+                    "input": spec,
+                    "method": key[0],
+                    "ratio": key[1],
+                    "new_tokens": cfg.new_tokens,
+                    "threads": torch.get_num_threads(),
+                }
+                for key in pruners
+            ]
+            if cfg.progress:
+                print(f"{name}: peak memory, one fresh process per method ({len(requests)})", flush=True)
+            memory = dict(zip(pruners, measure_in_fresh_processes(requests)))
+        rows += input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring, memory, problems)
+    return rows, loaded
+
+
+def input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring, memory, problems) -> list[dict]:
+    config = loaded.model.config
+    vocab = getattr(config, "real_vocab_size", config.text_config.vocab_size)
+    rows = []
+    for key, results in samples.items():
+        method, ratio = key
+        first = results[0]
+        prefill = [r.prefill_seconds for r in results]
+        decode = [r.new_tokens / r.decode_seconds for r in results if r.decode_seconds > 0]
+        llm = llm_prefill_flops(config.text_config, first.layer_tokens)
+        ppm = (
+            ppm_flops(pruners[key].ppm.config, first.layer_tokens[0] + first.n_visual - first.layer_visual[0])
+            if method == "covipal"
+            else 0.0
+        )
+        context = first.layer_tokens[-1] + cfg.new_tokens // 2
+        row = {
+            "input": name,
+            "kind": spec["kind"],
+            "frames": spec.get("frames"),
+            "n_visual": first.n_visual,
+            "method": method,
+            "ratio": ratio,
+            "ratio_achieved": first.reserve_ratio,
+            "layer_visual_tokens": first.layer_visual,
+            "prefill_s": summary(prefill),
+            "tower_s": encoded.tower_seconds,
+            "tower_scoring_s": scoring.get(key, 0.0),
+            "pruner_s": statistics.median(r.select_seconds for r in results),
+            "decode_tok_s": summary(decode) if decode else None,
+            "kv_bytes": first.kv_bytes,
+            "flops": {
+                "llm": llm,
+                "vision": vision_flops(config.vision_config, encoded.crops),
+                "ppm": ppm,
+                "decode_per_token": decode_flops_per_token(config.text_config, context, vocab),
+            },
+            "memory": memory.get(key),
+        }
+        if key in bare and bare[key]:
+            row["bare_s"] = summary(bare[key])
+            row["framework_overhead"] = row["prefill_s"]["median"] / row["bare_s"]["median"] - 1.0
+        rows.append(row)
+    for (method, ratio), problem in problems.items():
+        rows.append(
+            {
+                "input": name,
+                "kind": spec["kind"],
+                "frames": spec.get("frames"),
+                "method": method,
+                "ratio": ratio,
+                "infeasible": problem,
+            }
+        )
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-ups against `none` of the same input and run, and how close each comes to its FLOP saving."""
+    base = next((r for r in rows if r["method"] == "none" and "prefill_s" in r), None)
+    if base is None:
+        return
+    for row in rows:
+        if "prefill_s" not in row:
+            continue
+        llm_speedup = base["prefill_s"]["median"] / row["prefill_s"]["median"]
+        ideal = (base["flops"]["llm"]) / (row["flops"]["llm"] + row["flops"]["ppm"])
+        full = base["prefill_s"]["median"] + base["tower_s"]
+        mine = row["prefill_s"]["median"] + row["tower_s"] + row["tower_scoring_s"]
+        row["vs_none"] = {
+            "prefill_speedup": llm_speedup,
+            "prefill_speedup_with_tower": full / mine,
+            "ideal_flop_speedup": ideal,
+            "measured_vs_ideal": llm_speedup / ideal,
+            "kv_ratio": row["kv_bytes"] / base["kv_bytes"],
+        }
+        if row.get("decode_tok_s") and base.get("decode_tok_s"):
+            row["vs_none"]["decode_speedup"] = row["decode_tok_s"]["median"] / base["decode_tok_s"]["median"]
+        if (
+            row.get("memory")
+            and base.get("memory")
+            and "peak_bytes" in row["memory"]
+            and "peak_bytes" in base["memory"]
+        ):
+            row["vs_none"]["memory_ratio"] = row["memory"]["peak_bytes"] / max(base["memory"]["peak_bytes"], 1)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,72 @@
+"""Models with the real shapes of LLaVA-OneVision (SigLIP-so400m tower, Qwen2 LLM of 0.5B or 7B size) and random
+weights, built in memory from a config: what the efficiency harness times when no weights can be downloaded.
+Costs depend on shapes only, so these time (and count FLOPs) like the real checkpoints; their answers mean
+nothing. The tokenizer is the local word tokenizer, so the vocabulary (and the LM head) is small: decode figures
+leave out the real 152k-word head, which the FLOP count adds back (`real_vocab_size`)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.initialization import no_init_weights
+
+from covipal.models.adapters import merge_adapter
+from covipal.models.loading import LoadedModel, resolve_attention, resolve_device, resolve_dtype
+from covipal.models.tiny import TinySpec, tiny_model_config, tiny_processor
+from covipal.models.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+
+
+def fill_random(model: torch.nn.Module, seed: int, std: float, block: int = 1 << 22) -> None:
+    """Weights in place: matrices and embeddings tiled from one seeded N(0, std) block (drawing 0.8B normals one by
+    one takes a minute on CPU; costs depend on shapes only), norms 1, biases 0."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.empty(block, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 or "newline" in name:
+                flat = parameter.view(-1)
+                for start in range(0, flat.numel(), block):
+                    piece = flat[start : start + block]
+                    piece.copy_(pool[: piece.numel()])
+                pool = pool.roll(7919)  # parameters do not all start alike
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.fill_(1.0)
+
+
+def load_shaped(
+    spec: dict,
+    name: str,
+    real_vocab_size: int = 151646,
+    attn_implementation: str = "sdpa",
+    dtype: str = "auto",
+    device: str = "auto",
+    ppm: dict | None = None,
+    layer_plan: dict | None = None,
+    evaluation: dict | None = None,
+    adapter: str | None = None,
+) -> LoadedModel:
+    """A randomly initialised model of `spec`'s shapes (TinySpec fields), in memory, with its processor."""
+    spec = TinySpec(**spec)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    processor = tiny_processor(spec)
+    tokenizer = processor.tokenizer
+    config = tiny_model_config(
+        spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    )
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    with no_init_weights():  # transformers' per-module init takes minutes at these sizes on CPU
+        model = LlavaOnevisionForConditionalGeneration._from_config(
+            config, dtype=torch_dtype, attn_implementation=resolve_attention(attn_implementation, target)
+        )
+    fill_random(model, spec.seed, spec.initializer_range)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if adapter:
+        model = merge_adapter(model, adapter)
+    model.to(target).eval()
+    model.config.real_vocab_size = real_vocab_size
+    return LoadedModel(model, processor, name, ppm, layer_plan, evaluation)

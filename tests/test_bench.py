@@ -1,0 +1,117 @@
+"""The efficiency harness: FLOP counts match torch's own counter, and one tiny run writes every figure with
+ratios against `none` from the same run (no timing is asserted: this machine is noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_inputs
+from torch.utils.flop_counter import FlopCounterMode
+
+from covipal.efficiency.flops import llm_prefill_flops, transformer_layer_flops, vision_flops
+from covipal.efficiency.memory import PeakSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_llm_flops_equal_torch_flop_counter(tiny_dir, processor):
+    """Our count, with every query attending to all n keys (eager attention computes the full square, then masks),
+    equals torch's counter on the eager model."""
+    from pruning_helpers import pristine
+
+    lm = pristine(tiny_dir, "eager").model.language_model
+    config = lm.config
+    inputs = make_inputs(processor, "image")
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        lm(input_ids=inputs["input_ids"])
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_layer = transformer_layer_flops(
+        n,
+        config.hidden_size,
+        config.intermediate_size,
+        head_dim * config.num_attention_heads,
+        head_dim * config.num_key_value_heads,
+        n,
+    )
+    assert counter.get_total_flops() == config.num_hidden_layers * per_layer
+    # the causal count charges n/2 keys on average, and scales with the tokens each layer takes in
+    assert llm_prefill_flops(config, [n] * config.num_hidden_layers) < counter.get_total_flops()
+    assert llm_prefill_flops(config, [n // 2] * 12) < llm_prefill_flops(config, [n] * 12) / 2
+
+
+def test_vision_flops_equal_torch_flop_counter(tiny_dir):
+    from pruning_helpers import pristine
+
+    tower = pristine(tiny_dir, "eager").model.vision_tower
+    config = tower.config
+    pixels = torch.zeros(3, 3, config.image_size, config.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        tower(pixels)
+    assert counter.get_total_flops() == vision_flops(config, 3)
+
+
+def test_peak_sampler_sees_an_allocation():
+    with PeakSampler(interval=0.001) as sampler:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        block += 1
+        del block
+    assert sampler.above_start > 32 * 2**20
+
+
+@pytest.mark.slow
+def test_tiny_bench_writes_every_figure(tmp_path):
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run_dir = tmp_path / "bench"
+    args = [
+        "model.pretrain.steps=0",
+        "methods=[none,covipal,pdrop,visionzip,sparsevlm]",
+        "ratios=[0.25]",
+        "inputs=[{kind:image,size:[128,128]},{kind:video,frames:8}]",
+        "repeats=1",
+        "warmup=0",
+        "new_tokens=2",
+        "progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "covipal.bench", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((run_dir / "bench.json").read_text())
+    rows = {(r["input"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {
+        (i, m) for i in ("image 128x128", "video 8f") for m in ("none", "covipal", "pdrop", "visionzip", "sparsevlm")
+    }
+    for (_, method), row in rows.items():
+        if method == "sparsevlm":  # each pruning layer sees every token: r = 0.25 is out of reach on 4 layers
+            assert "pruner.reserve_ratio>=" in row["infeasible"]
+            continue
+        n = row["n_visual"]
+        if method in ("none", "covipal", "visionzip"):
+            want = n if method == "none" else int(0.25 * n)
+            assert row["layer_visual_tokens"] == [want] * 4
+        assert row["memory"]["peak_bytes"] >= 0
+        assert row["flops"]["vision"] > 0 and row["flops"]["llm"] > 0
+        ratios = row["vs_none"]
+        if method == "none":
+            assert ratios["prefill_speedup"] == 1.0 and ratios["ideal_flop_speedup"] == 1.0
+        else:
+            assert ratios["ideal_flop_speedup"] > 1.0 or method == "covipal"  # the tiny PPM outweighs a 4-layer LLM
+            assert ratios["kv_ratio"] < 0.6
+    assert "framework_overhead" in rows["image 128x128", "covipal"]
+    text = (run_dir / "bench.md").read_text()
+    assert text.count("| covipal | 0.25 |") == 2 and "infeasible" in text
+    assert (run_dir / "bench.png").stat().st_size > 1000
