@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_image_batch
 from pruning_helpers import make_pruner
+from test_baselines import make
 from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.utils import is_flash_attn_2_available
 
@@ -22,14 +23,18 @@ def cuda_model(tiny_dir, attention):
 
 
 @pytest.mark.skipif(not is_flash_attn_2_available(), reason="flash-attn is not installed")
-@pytest.mark.parametrize("pruner", ["covipal", "fastv"])
+def pruner_for(name: str):
+    return make_pruner(name, 0.5) if name in ("covipal", "fastv") else make(name, 0.5)
+
+
+@pytest.mark.parametrize("pruner", ["covipal", "fastv", "pdrop", "sparsevlm", "visionzip", "vitcop", "pool"])
 def test_flash_attention_pruned_matches_sdpa(tiny_dir, processor, pruner):
     inputs = {k: v.to("cuda") for k, v in make_image_batch(processor).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     results = {}
     for attention in ("flash_attention_2", "sdpa"):
         model = cuda_model(tiny_dir, attention)
-        with torch.no_grad(), PruningSession(model, make_pruner(pruner, 0.5)) as session:
+        with torch.no_grad(), PruningSession(model, pruner_for(pruner)) as session:
             logits = model(**inputs).logits
             tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         results[attention] = (logits[session.record.kept.valid].float(), tokens, session.record.layer_visual_tokens)

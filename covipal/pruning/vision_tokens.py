@@ -92,7 +92,8 @@ class VisionTokens:
 
     def attach(self, model: nn.Module) -> list:
         self.model = model
-        self._encoded = {}
+        if not self.frozen:
+            self._encoded = {}
         layer = model.model.vision_tower.encoder.layers[scoring_layer(model)]
         return [
             model.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True),
