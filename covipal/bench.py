@@ -25,19 +25,23 @@ def bench(cfg: DictConfig) -> list[dict]:
             "warmup>=0 and new_tokens>=1"
         )
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith(("hydra.", "-"))]
-    rows, loaded = run_bench(cfg, overrides)
     directory = output_dir(cfg)
-    parameter = next(loaded.model.parameters())
-    meta = {
-        "model": loaded.name,
-        "dtype": str(parameter.dtype).replace("torch.", ""),
-        "device": str(parameter.device),
-        "threads": torch.get_num_threads(),
-        "repeats": cfg.repeats,
-        "warmup": cfg.warmup,
-        "new_tokens": cfg.new_tokens,
-    }
-    for path in write_all(rows, directory, meta):
+
+    def write(rows: list[dict], loaded) -> list:
+        parameter = next(loaded.model.parameters())
+        meta = {
+            "model": loaded.name,
+            "dtype": str(parameter.dtype).replace("torch.", ""),
+            "device": str(parameter.device),
+            "threads": torch.get_num_threads(),
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "new_tokens": cfg.new_tokens,
+        }
+        return write_all(rows, directory, meta)
+
+    rows, loaded = run_bench(cfg, overrides, on_input=write)
+    for path in write(rows, loaded):
         print(f"written: {path}")
     print((directory / "bench.md").read_text())
     return rows

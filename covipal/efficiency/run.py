@@ -78,8 +78,9 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def run_bench(cfg: DictConfig, overrides: list[str]) -> tuple[list[dict], object]:
-    """Every method on every input; returns the result rows and the loaded model."""
+def run_bench(cfg: DictConfig, overrides: list[str], on_input=None) -> tuple[list[dict], object]:
+    """Every method on every input; returns the result rows and the loaded model. `on_input(rows, loaded)` runs
+    after each input (the entry point writes its files there, so a long run keeps what it has measured)."""
     loaded = build_model(cfg)
     model = loaded.model
     torch.manual_seed(cfg.seed)
@@ -131,6 +132,8 @@ def run_bench(cfg: DictConfig, overrides: list[str]) -> tuple[list[dict], object
                 print(f"{name}: peak memory, one fresh process per method ({len(requests)})", flush=True)
             memory = dict(zip(pruners, measure_in_fresh_processes(requests)))
         rows += input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring, memory, problems)
+        if on_input is not None:
+            on_input(rows, loaded)
     return rows, loaded
 
 
