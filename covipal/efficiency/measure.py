@@ -49,7 +49,7 @@ def encode(model, batch: dict) -> Encoded:
                 return_dict=True,
             )
             features = {"image": out}
-            crops = sum(int(n) for n in batch["pixel_values"].shape[:1]) * batch["pixel_values"].shape[1]
+            crops = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]  # [images, crops, 3, H, W]
         seconds = now(device) - start
     return Encoded(batch, features, seconds, crops)
 

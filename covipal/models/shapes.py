@@ -12,8 +12,7 @@ from transformers.initialization import no_init_weights
 
 from covipal.models.adapters import merge_adapter
 from covipal.models.loading import LoadedModel, resolve_attention, resolve_device, resolve_dtype
-from covipal.models.tiny import TinySpec, tiny_model_config, tiny_processor
-from covipal.models.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from covipal.models.tiny import TinySpec, processor_and_config, set_generation_tokens
 
 
 def fill_random(model: torch.nn.Module, seed: int, std: float, block: int = 1 << 22) -> None:
@@ -51,20 +50,13 @@ def load_shaped(
     spec = TinySpec(**spec)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    processor = tiny_processor(spec)
-    tokenizer = processor.tokenizer
-    config = tiny_model_config(
-        spec, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-    )
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    config.text_config.eos_token_id = tokenizer.eos_token_id
+    processor, config = processor_and_config(spec)
     with no_init_weights():  # transformers' per-module init takes minutes at these sizes on CPU
         model = LlavaOnevisionForConditionalGeneration._from_config(
             config, dtype=torch_dtype, attn_implementation=resolve_attention(attn_implementation, target)
         )
     fill_random(model, spec.seed, spec.initializer_range)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    set_generation_tokens(model, processor.tokenizer)
     if adapter:
         model = merge_adapter(model, adapter)
     model.to(target).eval()

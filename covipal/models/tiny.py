@@ -100,9 +100,8 @@ def tiny_processor(spec: TinySpec) -> LlavaOnevisionProcessor:
     )
 
 
-def build_tiny(spec: TinySpec, directory: str | Path) -> Path:
-    """Build a seeded tiny model and its processor and save both as one transformers checkpoint."""
-    directory = Path(directory)
+def processor_and_config(spec: TinySpec):
+    """The local processor for `spec` and the model config that matches its tokenizer (placeholders, pad, eos)."""
     processor = tiny_processor(spec)
     tok = processor.tokenizer
     config = tiny_model_config(
@@ -110,11 +109,22 @@ def build_tiny(spec: TinySpec, directory: str | Path) -> Path:
     )
     config.text_config.pad_token_id = tok.pad_token_id
     config.text_config.eos_token_id = tok.eos_token_id
+    return processor, config
+
+
+def set_generation_tokens(model, tokenizer) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def build_tiny(spec: TinySpec, directory: str | Path) -> Path:
+    """Build a seeded tiny model and its processor and save both as one transformers checkpoint."""
+    directory = Path(directory)
+    processor, config = processor_and_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    set_generation_tokens(model, processor.tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -12,9 +12,9 @@ import math
 import torch
 
 from covipal.errors import CovipalError
-from covipal.pruning.budget import check_ratio, split_budget, visual_budget
+from covipal.pruning.budget import check_ratio, split_budget
 from covipal.pruning.context import LayerContext, Merge
-from covipal.pruning.vision_tokens import VisionTokens, budget_over_views
+from covipal.pruning.vision_tokens import VisionTokens, merge_per_view
 
 MODES = ("mean", "subsample")
 
@@ -59,18 +59,12 @@ class PoolPruner:
         return self.tokens.attach(model)
 
     def select(self, context: LayerContext) -> Merge:
-        facts = self.tokens.facts()
-        budget = visual_budget(context.n_visual, self.reserve_ratio)
-        keep = ~context.visual
-        hidden = context.hidden_states.clone()
-        for b in range(keep.shape[0]):
-            views, shares, newlines = budget_over_views(context.visual[b], facts.view[b], int(budget[b]))
-            keep[b, newlines] = True
-            for positions, share in zip(views, shares):
-                for cell in grid_cells(facts.row[b, positions], facts.col[b, positions], share):
-                    members = positions[cell]
-                    centre = members[len(members) // 2]
-                    keep[b, centre] = True
-                    if self.mode == "mean":
-                        hidden[b, centre] = context.hidden_states[b, members].mean(0)
-        return Merge(keep, hidden)
+        return merge_per_view(context, self.tokens.facts(), self.reserve_ratio, self._fold)
+
+    def _fold(self, context: LayerContext, facts, b: int, positions, share: int, keep, hidden) -> None:
+        for cell in grid_cells(facts.row[b, positions], facts.col[b, positions], share):
+            members = positions[cell]
+            centre = members[len(members) // 2]
+            keep[b, centre] = True
+            if self.mode == "mean":
+                hidden[b, centre] = context.hidden_states[b, members].mean(0)

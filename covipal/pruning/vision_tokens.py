@@ -31,7 +31,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from covipal.errors import CovipalError
-from covipal.pruning.budget import split_budget
+from covipal.pruning.budget import split_budget, visual_budget
+from covipal.pruning.context import Merge
 
 FIXED = 4  # channels before the keys: view, row, col, score
 NEWLINE = -1.0
@@ -272,6 +273,21 @@ def _feature_function_frame():
         "the vision tower ran outside the model's get_image_features / get_video_features; vision-side pruners "
         "read the image layout there"
     )
+
+
+def merge_per_view(context, facts: TokenFacts, ratio: float, fold) -> Merge:
+    """The shared loop of per-crop/frame methods: floor(ratio · n_v) per sample, split over its views by size;
+    `fold(context, facts, b, positions, share, keep, hidden)` marks a view's kept slots in `keep` and writes
+    their merged states into `hidden` (a copy of the context's, so reads from the context see unmerged rows)."""
+    budget = visual_budget(context.n_visual, ratio)
+    keep = ~context.visual
+    hidden = context.hidden_states.clone()
+    for b in range(keep.shape[0]):
+        views, shares, newlines = budget_over_views(context.visual[b], facts.view[b], int(budget[b]))
+        keep[b, newlines] = True
+        for positions, share in zip(views, shares):
+            fold(context, facts, b, positions, share, keep, hidden)
+    return Merge(keep, hidden)
 
 
 def budget_over_views(visual: torch.Tensor, view: torch.Tensor, total: int):

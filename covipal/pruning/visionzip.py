@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from covipal.errors import CovipalError
-from covipal.pruning.budget import check_ratio, visual_budget
+from covipal.pruning.budget import check_ratio
 from covipal.pruning.context import LayerContext, Merge
-from covipal.pruning.vision_tokens import VisionTokens, budget_over_views
+from covipal.pruning.vision_tokens import VisionTokens, merge_per_view
 
 
 def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,22 +59,16 @@ class VisionZipPruner:
         return self.tokens.attach(model)
 
     def select(self, context: LayerContext) -> Merge:
-        facts = self.tokens.facts()
-        budget = visual_budget(context.n_visual, self.reserve_ratio)
-        keep = ~context.visual
-        hidden = context.hidden_states.clone()
-        for b in range(keep.shape[0]):
-            views, shares, newlines = budget_over_views(context.visual[b], facts.view[b], int(budget[b]))
-            keep[b, newlines] = True
-            for positions, share in zip(views, shares):
-                dominant = min(share, round(share * self.dominant_share))
-                order = torch.argsort(facts.score[b, positions], descending=True, stable=True)
-                keep[b, positions[order[:dominant]]] = True
-                contextual = share - dominant
-                if contextual == 0:
-                    continue
-                rest = positions[torch.sort(order[dominant:]).values]
-                targets, merged = contextual_merge(context.hidden_states[b, rest], facts.keys[b, rest], contextual)
-                keep[b, rest[targets]] = True
-                hidden[b, rest[targets]] = merged
-        return Merge(keep, hidden)
+        return merge_per_view(context, self.tokens.facts(), self.reserve_ratio, self._fold)
+
+    def _fold(self, context: LayerContext, facts, b: int, positions, share: int, keep, hidden) -> None:
+        dominant = min(share, round(share * self.dominant_share))
+        order = torch.argsort(facts.score[b, positions], descending=True, stable=True)
+        keep[b, positions[order[:dominant]]] = True
+        contextual = share - dominant
+        if contextual == 0:
+            return
+        rest = positions[torch.sort(order[dominant:]).values]
+        targets, merged = contextual_merge(context.hidden_states[b, rest], facts.keys[b, rest], contextual)
+        keep[b, rest[targets]] = True
+        hidden[b, rest[targets]] = merged

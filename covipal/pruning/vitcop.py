@@ -158,7 +158,6 @@ class ViTCoPPruner:
             budget = int(self._counts[b, 1])
             token_labels = labels[b, visual]
             clusters = [visual[token_labels == c] for c in torch.unique(token_labels).tolist()]
-            clusters = sorted(clusters, key=lambda members: int(members[0]))
             groups = min(len(clusters), budget)
             # Clusters beyond the budget (more clusters than k2): the smallest are merged into nothing and dropped.
             clusters = sorted(clusters, key=lambda members: -len(members))[:groups]
