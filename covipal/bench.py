@@ -27,7 +27,9 @@ def bench(cfg: DictConfig) -> list[dict]:
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith(("hydra.", "-"))]
     directory = output_dir(cfg)
 
-    def write(rows: list[dict], loaded) -> list:
+    written: list = []
+
+    def write(rows: list[dict], loaded) -> None:
         parameter = next(loaded.model.parameters())
         meta = {
             "model": loaded.name,
@@ -38,10 +40,12 @@ def bench(cfg: DictConfig) -> list[dict]:
             "warmup": cfg.warmup,
             "new_tokens": cfg.new_tokens,
         }
-        return write_all(rows, directory, meta)
+        written[:] = write_all(rows, directory, meta)
 
     rows, loaded = run_bench(cfg, overrides, on_input=write)
-    for path in write(rows, loaded):
+    if not written:  # no input ran: still write the (empty) files
+        write(rows, loaded)
+    for path in written:  # the files of the last input hold every row
         print(f"written: {path}")
     print((directory / "bench.md").read_text())
     return rows
