@@ -18,15 +18,18 @@ from covipal.pruning.oracle import FocusPruner
 from covipal.pruning.session import PruningSession
 from covipal.training.grounding import (
     answer_query_rows,
+    attention_share_loss,
     grounding_losses,
     question_rows,
     question_tokens,
     rows_as_targets,
     turn_relevance,
+    unevenness,
 )
 from covipal.training.layer_input import LayerInputCapture
 from covipal.training.pretrain import (
     PretrainRecipe,
+    counted_tokens,
     grounding_token_ids,
     pretrain,
     pretraining_loss,
@@ -196,3 +199,70 @@ def test_grounding_layer_without_a_layer_on_each_side_is_refused(tmp_path):
         pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_layer=1), progress=False)
     log = pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, grounding_weight=0.0), progress=False)
     assert log[0]["grounding"] == 0.0 and log[0]["loss"] > 0  # without supervision any depth trains
+
+
+def spread_reference(attentions, query_turn, spread, columns=None):
+    """Per row with two or more `spread` columns, by loops: KL(uniform ‖ its mean attention renormalised over them)
+    (0 for the other rows), summed over rows."""
+    total = 0.0
+    for b in range(attentions.shape[0]):
+        cols = columns[b] if columns is not None else list(range(attentions.shape[-1]))
+        for j, original in enumerate(cols):
+            if original < 0 or query_turn[b, original] < 0:
+                continue
+            among = [k for k, c in enumerate(cols) if c >= 0 and spread[b, int(query_turn[b, original]), c]]
+            if len(among) < 2:
+                continue
+            mean = attentions[b, :, j].mean(0)
+            share = sum(float(mean[k]) for k in among)
+            total += sum(math.log((1 / len(among)) / (float(mean[k]) / share + 1e-6)) for k in among) / len(among)
+    return total
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_counting_rows_are_also_told_to_spread_over_their_objects(eager, drop):
+    model, processor = eager
+    rng = np.random.default_rng(2)
+    samples = [image_sample(rng, "short", kinds=("counting", "existence"), turns=3) for _ in range(3)]
+    assert {"counting", "existence"} <= {k for s in samples for k in s.meta["turn_kinds"]}
+    batch = training_batch(processor, samples)
+    labels = batch.pop("labels")
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    visual = input_ids == model.config.image_token_id
+    relevance = turn_relevance(visual, [s.meta["turn_relevance"] for s in samples])
+    spread = turn_relevance(visual, counted_tokens(samples, 64))  # the 8x8 base tile
+    for sample, row in zip(samples, spread):
+        for turn, kind in enumerate(sample.meta["turn_kinds"]):
+            about = sample.meta["turn_relevance"][turn]
+            assert int(row[turn].sum()) == (int(about[:64].sum()) if kind == "counting" else 0)
+    ids = grounding_token_ids(processor.tokenizer)
+    answers = answer_query_rows(labels)
+    with torch.no_grad(), LayerInputCapture(model, 1) as capture:
+        if drop:
+            with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
+                session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+                out = model(**batch, output_attentions=True)
+            kept = session.record.kept
+            columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
+        else:
+            out, kept, columns = model(**batch, output_attentions=True), None, None
+        questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
+        marks = question_rows(input_ids, questions, ids["mark"])
+        with_spread = attention_share_loss(capture, mask, mask, marks, relevance, kept, spread)
+        plain = attention_share_loss(capture, mask, mask, marks, relevance, kept)
+    rows = int((marks >= 0).sum())
+    uneven = spread_reference(out.attentions[1], marks, spread, columns)
+    assert uneven > 0.01  # some counting row counts two or more objects and an untrained model is uneven
+    assert with_spread.item() == pytest.approx(plain.item() + uneven / rows, rel=1e-5)
+    assert plain.item() == pytest.approx(reference(out.attentions[1], marks, mask, relevance, columns), rel=1e-5)
+
+
+def test_unevenness_is_zero_when_even_and_cannot_be_lowered_by_looking_away():
+    among = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    even = torch.tensor([[0.2, 0.2, 0.2, 0.4], [0.1, 0.2, 0.3, 0.4]])
+    assert unevenness(even, among).tolist() == pytest.approx([0.0, 0.0], abs=1e-4)  # one column: nothing to spread
+    uneven = torch.tensor([[0.5, 0.1, 0.1, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    expected = sum(math.log((1 / 3) / (p / 0.7)) for p in (0.5, 0.1, 0.1)) / 3
+    assert unevenness(uneven, among)[0].item() == pytest.approx(expected, rel=1e-4) and expected > 0.1
+    away = torch.tensor([[1e-9, 1e-9, 1e-9, 1.0], [0.1, 0.2, 0.3, 0.4]])
+    assert unevenness(away, among)[0].item() == pytest.approx(0.0, abs=1e-4)  # no reward for looking away

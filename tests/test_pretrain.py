@@ -11,11 +11,12 @@ import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from covipal.data.tiny_world import image_sample
+from covipal.errors import CovipalError
 from covipal.evaluation.tiny_world import accuracy
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.pruning.none import NoPruner
 from covipal.pruning.random import RandomPruner
-from covipal.training.pretrain import PretrainRecipe, pretrain, training_batch
+from covipal.training.pretrain import PretrainRecipe, batches, pretrain, training_batch
 from covipal.training.tiny_base import load_tiny, tiny_base_checkpoint
 
 # The tiny world's geometry (128-px images -> 336 visual tokens) at a width small enough for fast tests.
@@ -112,3 +113,19 @@ def test_a_short_pretraining_answers_held_out_questions_better_than_chance(tmp_p
     nearly_blind = accuracy(loaded, RandomPruner(0.05), held_out)["accuracy"]  # the object's tokens mostly gone
     assert full >= 0.4, full  # 0.52 here; chance is 0.25 and 0.4 is 2.8 standard errors above it
     assert nearly_blind <= full - 0.1, (full, nearly_blind)  # 0.27 here
+
+
+def test_kind_phases_train_each_phase_on_its_kinds_and_bad_kinds_are_refused(tmp_path):
+    _, processor = small_model(tmp_path)
+    phases = [[0.0, ["attribute_at_location"]], [0.5, None]]
+    recipe = PretrainRecipe(steps=4, batch_size=3, turns=2, video_fraction=0.0, kinds=["counting"], kind_phases=phases)
+    seen = [{k for s in samples for k in s.meta["turn_kinds"]} for _, samples in batches(processor, recipe)]
+    assert seen[:2] == [{"attribute_at_location"}] * 2 and seen[2] | seen[3] == {"counting"}
+    model, _ = small_model(tmp_path, "b")
+    for bad, match in (
+        ({"kinds": ["colour"]}, r"pretrain.kinds=\['colour'\] .*\['colour'\]"),
+        ({"kind_phases": [[0.0, ["counting"]], [0.5, []]]}, r"pretrain.kind_phases\[1\]=\[\]"),
+        ({"kind_phases": [[0.2, ["counting"]]]}, "first phase must start at 0.0"),
+    ):
+        with pytest.raises(CovipalError, match=match):
+            pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, **bad), progress=False)

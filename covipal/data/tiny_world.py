@@ -26,17 +26,20 @@ def _sample(question: Question, fmt: str, relevance: np.ndarray, **visual) -> Sa
 
 def _add_turns(sample: Sample, rng, ask, relevance, turns: int, mcq_fraction: float) -> None:
     """Further (prompt, answer) turns about the same scene in `meta["turns"]`, for multi-turn training
-    conversations, and every turn's relevance mask (the first question's included) in `meta["turn_relevance"]`."""
-    extra, masks, shorts = [], [sample.relevance], [sample.meta["short_answer"]]
+    conversations, and every turn's relevance mask, short answer and kind (the first question's included) in
+    `meta["turn_relevance"]`, `meta["turn_short_answers"]` and `meta["turn_kinds"]`."""
+    extra, masks, shorts, kinds = [], [sample.relevance], [sample.meta["short_answer"]], [sample.meta["type"]]
     for _ in range(turns - 1):
         question = ask()
         if question is not None:
             extra.append(question.mcq() if rng.random() < mcq_fraction else question.short())
             masks.append(relevance(question.about))
             shorts.append(question.answer)
+            kinds.append(question.kind)
     sample.meta["turns"] = extra
     sample.meta["turn_relevance"] = masks
     sample.meta["turn_short_answers"] = shorts
+    sample.meta["turn_kinds"] = kinds
 
 
 def image_sample(

@@ -71,28 +71,48 @@ def attention_share_loss(
     query_turn: torch.Tensor,
     targets: torch.Tensor,
     kept: Compaction | None = None,
+    spread: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over query rows (`query_turn` >= 0) of −log(share of the row's attention on the `allowed` columns,
     averaged over heads, that falls on its turn's `targets` columns). All [B, T] / [B, turns, T] arguments are in
-    original sequence positions; `kept` maps them to the rows the LLM ran on when tokens were dropped."""
+    original sequence positions; `kept` maps them to the rows the LLM ran on when tokens were dropped.
+
+    `spread` ([B, turns, T], e.g. one token per counted object) adds, for the turns that have two or more such
+    tokens, KL(uniform ‖ the row's attention renormalised over them): the row attends to each counted object
+    alike, so what it reads there depends on how many there are, not on which one it happened to find."""
     if kept is not None:
         key_mask, allowed = kept.gather_mask(key_mask), kept.gather_mask(allowed)
         query_turn = torch.where(kept.valid, kept.gather(query_turn), torch.full_like(kept.index, -1))
         index = kept.index[:, None, :].expand(-1, targets.shape[1], -1)
         targets = targets.gather(2, index) & kept.valid[:, None, :]
+        if spread is not None:
+            spread = spread.gather(2, index) & kept.valid[:, None, :]
     width = int((query_turn >= 0).sum(1).max())
     if width == 0:
         return capture.hidden.new_zeros(())
     order = torch.sort((query_turn < 0).to(torch.int8), dim=1, stable=True).indices[:, :width]
     turns = query_turn.gather(1, order)  # [B, Q], -1 = padding
-    wanted = targets.gather(1, turns.clamp(min=0)[..., None].expand(-1, -1, targets.shape[2]))  # [B, Q, T]
+    per_row = turns.clamp(min=0)[..., None].expand(-1, -1, targets.shape[2])
+    wanted = targets.gather(1, per_row)  # [B, Q, T]
     valid = (turns >= 0) & wanted.any(-1)
     probabilities = attention_rows(capture.layer, capture.hidden, capture.position_embeddings, key_mask, order)
     mean = probabilities.mean(1)  # [B, Q, T]
     on_allowed = (mean * allowed[:, None, :]).sum(-1)
     on_targets = (mean * (wanted & allowed[:, None, :])).sum(-1)
     losses = -torch.log(on_targets / on_allowed.clamp(min=1e-12) + 1e-6)
+    if spread is not None:
+        losses = losses + unevenness(mean, spread.gather(1, per_row))
     return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+
+def unevenness(attention: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """[...]: KL(uniform ‖ `attention` renormalised over the `among` columns) per row ([..., T] each), 0 where
+    fewer than two columns are marked. Renormalised before the log, so it stays >= 0 however little attention
+    reaches those columns (it cannot be lowered by looking away from them)."""
+    number = among.sum(-1).clamp(min=1).to(attention.dtype)
+    renormalised = attention / (attention * among).sum(-1, keepdim=True).clamp(min=1e-12)
+    uneven = -((renormalised + 1e-6).log() * among).sum(-1) / number - number.log()
+    return torch.where(among.sum(-1) > 1, uneven, torch.zeros_like(uneven))
 
 
 def question_rows(input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int) -> torch.Tensor:
@@ -119,16 +139,18 @@ def grounding_losses(
     ids: dict[str, object],
     kept: Compaction | None = None,
     probe=None,
+    spread: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The three terms (key words, image, question row) for captures at layers l-1, l, l+1. `ids` holds the
     token ids of "user", the message end, "?" and a tensor of key-word ids. With `probe` = (LM head on hidden
     states, [B, turns] answer token ids, -1 = none), a fourth: the cross-entropy of each question row's output of
-    layer l (the input captured at l+1), read by the head, against its turn's answer token."""
+    layer l (the input captured at l+1), read by the head, against its turn's answer token. `spread`: tokens over which
+    the image term also asks each turn's row to spread its attention evenly (see `attention_share_loss`)."""
     questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
     read = attention_share_loss(captures[0], attention_mask, attention_mask, marks, keywords, kept)
-    look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept)
+    look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept, spread)
     targets = rows_as_targets(marks, questions.shape[1])
     recall = attention_share_loss(captures[2], attention_mask, attention_mask, answer_rows, targets, kept)
     if probe is None:
