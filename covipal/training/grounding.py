@@ -112,7 +112,7 @@ def unevenness(attention: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
     number = among.sum(-1).clamp(min=1).to(attention.dtype)
     renormalised = attention / (attention * among).sum(-1, keepdim=True).clamp(min=1e-12)
     uneven = -((renormalised + 1e-6).log() * among).sum(-1) / number - number.log()
-    return torch.where(among.sum(-1) > 1, uneven, torch.zeros_like(uneven))
+    return torch.where(number > 1, uneven, torch.zeros_like(uneven))
 
 
 def question_rows(input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int) -> torch.Tensor:
