@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
+from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS
 from covipal.data.tiny_world import image_sample, video_sample
 from covipal.errors import CovipalError
 from covipal.models.tiny import TinySpec, build_tiny
@@ -20,6 +21,7 @@ from covipal.training.grounding import (
     answer_query_rows,
     attention_share_loss,
     grounding_losses,
+    key_word_rows,
     question_rows,
     question_tokens,
     rows_as_targets,
@@ -91,8 +93,49 @@ def test_the_answer_probe_is_a_fourth_finite_term_with_gradients(eager):
         grounding_token_ids(processor.tokenizer),
     )[1]
     assert torch.isfinite(grounding) and grounding > plain  # a cross-entropy over the vocabulary adds a lot
+    on_key_words = [
+        pretraining_loss(
+            model,
+            training_batch(processor, samples),
+            samples,
+            1.0,
+            PretrainRecipe(answer_probe=probe, key_word_kinds=list(IMAGE_QUESTION_TYPES)),
+            grounding_token_ids(processor.tokenizer),
+        )[1].item()
+        for probe in (True, False)
+    ]
+    assert on_key_words[0] == on_key_words[1] != plain.item()  # key-word rows are not probed
     grounding.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0  # the answer is read out through the LM head
+
+
+def test_the_answer_probe_skips_turns_whose_row_is_a_key_word(eager):
+    model, processor = eager
+    batch, labels, samples = small_batch(processor)
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    relevance = turn_relevance(input_ids == model.config.image_token_id, [s.meta["turn_relevance"] for s in samples])
+    ids = grounding_token_ids(processor.tokenizer)
+    answers = short_answer_ids(samples, processor.tokenizer, relevance.shape[1])
+    head = lambda hidden: model.lm_head(model.model.language_model.norm(hidden))  # noqa: E731
+    every = torch.ones(relevance.shape[:2], dtype=torch.bool)
+    first = every.clone()
+    first[:, 1:] = False
+    unasked = answers.clone()
+    unasked[:, 0] = -1
+    with torch.no_grad():
+        captures = [LayerInputCapture(model, layer) for layer in (0, 1, 2)]
+        for capture in captures:
+            capture.__enter__()
+        try:
+            model(**batch)
+            run = lambda answers, keyed: grounding_losses(  # noqa: E731
+                captures, input_ids, mask, answer_query_rows(labels), relevance, ids, None, (head, answers), keyed=keyed
+            )
+            assert len(run(answers, every)) == 3  # no turn left to probe: no fourth term (and no NaN)
+            assert run(answers, first)[3].item() == pytest.approx(run(unasked, None)[3].item(), rel=1e-6)
+        finally:
+            for capture in captures:
+                capture.__exit__(None, None, None)
 
 
 def test_a_relevance_mask_of_another_layout_is_refused():
@@ -108,7 +151,7 @@ def small_batch(processor):
     return batch, batch.pop("labels"), samples
 
 
-def test_question_rows_and_key_words_are_those_of_each_turns_question(eager):
+def test_question_rows_key_word_rows_and_key_words_are_those_of_each_turns_question(eager):
     _, processor = eager
     batch, labels, samples = small_batch(processor)
     tokenizer = processor.tokenizer
@@ -117,9 +160,13 @@ def test_question_rows_and_key_words_are_those_of_each_turns_question(eager):
     answers = answer_query_rows(labels)
     questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
+    keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
     for row, sample in enumerate(samples):
         prompts = [sample.question] + [prompt for prompt, _ in sample.meta["turns"]]
         for turn, prompt in enumerate(prompts):
+            (key,) = (keys[row] == turn).nonzero().squeeze(1).tolist()
+            words = [w for w in prompt.split("?")[0].split() if w in KEY_WORDS]  # options come after the "?"
+            assert tokenizer.convert_ids_to_tokens(int(input_ids[row, key])) == words[-1]
             text = tokenizer.decode(input_ids[row][questions[row, turn]]).replace("<image>", "").split()
             assert text == tokenizer.decode(tokenizer(prompt).input_ids).split()
             (mark,) = (marks[row] == turn).nonzero().squeeze(1).tolist()
@@ -127,7 +174,8 @@ def test_question_rows_and_key_words_are_those_of_each_turns_question(eager):
             assert mark < int((answers[row] == turn).nonzero())  # the question comes before its answer
             later = questions[row, turn, mark + 1 :] & (input_ids[row, mark + 1 :] == ids["mark"])
             assert questions[row, turn, mark] and not later.any()  # the question's last "?"
-        assert int((marks[row] >= 0).sum()) == len(prompts)
+            assert questions[row, turn, key] and key < mark
+        assert int((marks[row] >= 0).sum()) == int((keys[row] >= 0).sum()) == len(prompts)
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
     for row, turns in enumerate((answers.max(1).values + 1).tolist()):
         assert keywords[row, :turns].any(-1).all()  # every question names what it is about
@@ -152,13 +200,18 @@ def reference(attentions, query_turn, allowed, targets, columns=None):
     return sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("keyed", [None, "all", "first"])  # which turns' question row is their last key word
 @pytest.mark.parametrize("drop", [False, True])
-def test_each_term_equals_the_one_from_eager_attention(eager, drop):
+def test_each_term_equals_the_one_from_eager_attention(eager, drop, keyed):
     model, processor = eager
     batch, labels, samples = small_batch(processor)
     input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     visual = input_ids == model.config.image_token_id
     relevance = turn_relevance(visual, [s.meta["turn_relevance"] for s in samples])
+    if keyed is not None:
+        turns = torch.ones(relevance.shape[:2], dtype=torch.bool)
+        turns[:, 1:] = keyed == "all"
+        keyed = turns
     ids = grounding_token_ids(processor.tokenizer)
     answers = answer_query_rows(labels)
     with torch.no_grad():
@@ -175,12 +228,19 @@ def test_each_term_equals_the_one_from_eager_attention(eager, drop):
                 columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
             else:
                 out, kept, columns = model(**batch, output_attentions=True), None, None
-            terms = grounding_losses(captures, input_ids, mask, answers, relevance, ids, kept)
+            terms = grounding_losses(captures, input_ids, mask, answers, relevance, ids, kept, keyed=keyed)
         finally:
             for capture in captures:
                 capture.__exit__(None, None, None)
     questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
+    if keyed is not None:  # those turns' rows move from their "?" to their last key word
+        keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
+        for b, turn in keyed.nonzero().tolist():
+            if (marks[b] == turn).any():
+                marks[b][marks[b] == turn] = -1
+                marks[b][keys[b] == turn] = turn
+        assert int((marks >= 0).sum()) == int((keys >= 0).sum())
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
     expected = [
         reference(out.attentions[0], marks, mask, keywords, columns),

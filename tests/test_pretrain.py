@@ -126,6 +126,7 @@ def test_kind_phases_train_each_phase_on_its_kinds_and_bad_kinds_are_refused(tmp
         ({"kinds": ["colour"]}, r"pretrain.kinds=\['colour'\] .*\['colour'\]"),
         ({"kind_phases": [[0.0, ["counting"]], [0.5, []]]}, r"pretrain.kind_phases\[1\]=\[\]"),
         ({"kind_phases": [[0.2, ["counting"]]]}, "first phase must start at 0.0"),
+        ({"key_word_kinds": ["colour"]}, r"pretrain.key_word_kinds=\['colour'\] names unknown question kinds"),
     ):
         with pytest.raises(CovipalError, match=match):
             pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, **bad), progress=False)

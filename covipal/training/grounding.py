@@ -3,7 +3,8 @@ from a question to the visual tokens it is about, so grounding is learned in CPU
 
 Without them a model trained from scratch barely learns to ground: among hundreds of visual tokens the gradient
 reaching the few that matter is too diluted, and at deeper layers the visual tokens have already mixed with each
-other. So, for every question of a training conversation (its last "?" is its *question row*):
+other. So, for every question of a training conversation (its *question row* is its last "?", or for the kinds
+chosen, its last key word: "red" in "where is the red object?"):
   1. at layer l-1 the question row attends to its question's key words (colours, shapes, places, …);
   2. at layer l it attends to the visual tokens of the objects the question is about (a share of all its
      attention, not only of its attention to the image, so what it reads there reaches it);
@@ -124,6 +125,24 @@ def question_rows(input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int
     return rows
 
 
+def key_word_rows(
+    input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int, keywords: torch.Tensor
+) -> torch.Tensor:
+    """[B, T] long: at each turn's last key word before its question's last `mark_id` ("?"), that turn's number;
+    -1 elsewhere (and for a turn whose question names no key word). A colour word's row then finds objects by
+    colour and a place word's row by place, whatever the question asks of them, so different lookups happen at
+    different rows instead of all at the "?"."""
+    marks = question_rows(input_ids, questions, mark_id)
+    keys = questions & torch.isin(input_ids, keywords.to(input_ids.device))[:, None, :]
+    rows = torch.full_like(marks, -1)
+    for row, position in (marks >= 0).nonzero().tolist():
+        turn = int(marks[row, position])
+        before = keys[row, turn, :position].nonzero()
+        if len(before):
+            rows[row, int(before[-1])] = turn
+    return rows
+
+
 def rows_as_targets(rows: torch.Tensor, turns: int) -> torch.Tensor:
     """[B, turns, T] bool: each turn's row of `rows` ([B, T] turn numbers) as that turn's only target."""
     positions = torch.arange(turns, device=rows.device)[None, :, None]
@@ -140,14 +159,24 @@ def grounding_losses(
     kept: Compaction | None = None,
     probe=None,
     spread: torch.Tensor | None = None,
+    keyed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The three terms (key words, image, question row) for captures at layers l-1, l, l+1. `ids` holds the
     token ids of "user", the message end, "?" and a tensor of key-word ids. With `probe` = (LM head on hidden
     states, [B, turns] answer token ids, -1 = none), a fourth: the cross-entropy of each question row's output of
     layer l (the input captured at l+1), read by the head, against its turn's answer token. `spread`: tokens over which
-    the image term also asks each turn's row to spread its attention evenly (see `attention_share_loss`)."""
+    the image term also asks each turn's row to spread its attention evenly (see `attention_share_loss`). `keyed`
+    ([B, turns] bool): the turns whose question row is their last key word (`key_word_rows`) instead of their last
+    "?"; the probe skips them."""
     questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
+    if keyed is not None and bool(keyed.any()):
+        keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
+        on_key = (keys >= 0) & keyed.gather(1, keys.clamp(min=0))
+        on_mark = (marks >= 0) & ~keyed.gather(1, marks.clamp(min=0))
+        marks = torch.where(on_key, keys, torch.where(on_mark, marks, torch.full_like(marks, -1)))
+        if probe is not None:
+            probe = (probe[0], torch.where(keyed[:, : probe[1].shape[1]], -1, probe[1]))
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
     read = attention_share_loss(captures[0], attention_mask, attention_mask, marks, keywords, kept)
     look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept, spread)
@@ -163,8 +192,9 @@ def grounding_losses(
     turn = rows[batch, position]
     target = answers[batch, turn.clamp(max=answers.shape[1] - 1)]
     target = torch.where(turn < answers.shape[1], target, torch.full_like(target, -1))
+    batch, position, target = batch[target >= 0], position[target >= 0], target[target >= 0]
     if len(target) == 0:
         return read, look, recall
     logits = head(captures[2].hidden[batch, position])
-    answer = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-1)
+    answer = torch.nn.functional.cross_entropy(logits.float(), target)
     return read, look, recall, answer

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from covipal.data.chat import processor_inputs, user_message
 from covipal.data.conversation import answer_labels
 from covipal.data.sample import Sample
-from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS
+from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, VIDEO_QUESTION_TYPES
 from covipal.data.tiny_world import sample_stream
 from covipal.errors import CovipalError
 from covipal.pruning.oracle import FocusPruner
@@ -56,6 +56,10 @@ class PretrainRecipe:
     # (fraction of steps from which it applies, image question kinds or null = `kinds`): some kinds trained before
     # the others (README, the tiny world: not a robust gain so far); null = `kinds` throughout
     kind_phases: list | None = None
+    # question kinds whose question row is their last key word, not their last "?" (grounding.key_word_rows): a
+    # colour word's row finds objects by colour and a place word's row by place, so these lookups stop competing
+    # for the one "?" row; the answer probe skips them. null = none
+    key_word_kinds: list | None = None
 
 
 def conversation(sample: Sample) -> list[dict]:
@@ -94,7 +98,8 @@ def _kinds_at(recipe: PretrainRecipe, step: int) -> tuple | None:
 
 
 def check_kinds(recipe: PretrainRecipe) -> None:
-    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` or phases that start after 0."""
+    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds` or phases that
+    start after 0."""
     lists = [("kinds", recipe.kinds)] + [
         (f"kind_phases[{i}]", row[1]) for i, row in enumerate(recipe.kind_phases or [])
     ]
@@ -105,6 +110,12 @@ def check_kinds(recipe: PretrainRecipe) -> None:
                 f"pretrain.{name}={kinds} names no or unknown image question kinds {unknown}; "
                 f"use some of {list(IMAGE_QUESTION_TYPES)} (or null for all)"
             )
+    unknown = sorted(set(recipe.key_word_kinds or ()) - set(IMAGE_QUESTION_TYPES) - set(VIDEO_QUESTION_TYPES))
+    if unknown:
+        raise CovipalError(
+            f"pretrain.key_word_kinds={recipe.key_word_kinds} names unknown question kinds {unknown}; "
+            f"use some of {list(IMAGE_QUESTION_TYPES + VIDEO_QUESTION_TYPES)} (or null for none)"
+        )
     if recipe.kind_phases and recipe.kind_phases[0][0] != 0:
         raise CovipalError(
             f"pretrain.kind_phases starts at {recipe.kind_phases[0][0]}; its first phase must start at 0.0"
@@ -127,6 +138,17 @@ def counted_tokens(samples: list[Sample], base_tokens: int) -> list[list]:
             row.append(counted)
         out.append(row)
     return out
+
+
+def keyed_turns(samples: list[Sample], kinds, turns: int) -> torch.Tensor | None:
+    """[B, turns] bool: the turns whose kind is among `kinds` (None when `kinds` is empty)."""
+    if not kinds:
+        return None
+    keyed = torch.zeros(len(samples), turns, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        for turn, kind in enumerate(sample.meta.get("turn_kinds", [sample.meta.get("type")])[:turns]):
+            keyed[row, turn] = kind in kinds
+    return keyed
 
 
 def grounding_token_ids(tokenizer) -> dict:
@@ -187,7 +209,10 @@ def pretraining_loss(
             base = (vision.image_size // vision.patch_size) ** 2
             spread = turn_relevance(visual, counted_tokens(samples, base))
         answer_rows = answer_query_rows(labels)
-        grounding = sum(grounding_losses(captures, input_ids, mask, answer_rows, relevance, ids, kept, probe, spread))
+        keyed = keyed_turns(samples, recipe.key_word_kinds, relevance.shape[1])
+        keyed = None if keyed is None else keyed.to(input_ids.device)
+        terms = grounding_losses(captures, input_ids, mask, answer_rows, relevance, ids, kept, probe, spread, keyed)
+        grounding = sum(terms)
     if kept is not None:  # labels follow the tokens that stayed
         labels = torch.where(kept.valid, labels.gather(1, kept.index), torch.full_like(kept.index, -100))
     answer = F.cross_entropy(
