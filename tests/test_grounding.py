@@ -160,7 +160,7 @@ def test_question_rows_key_word_rows_and_key_words_are_those_of_each_turns_quest
     answers = answer_query_rows(labels)
     questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
-    keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
+    keys = key_word_rows(input_ids, questions, marks, ids["keywords"])
     for row, sample in enumerate(samples):
         prompts = [sample.question] + [prompt for prompt, _ in sample.meta["turns"]]
         for turn, prompt in enumerate(prompts):
@@ -235,7 +235,7 @@ def test_each_term_equals_the_one_from_eager_attention(eager, drop, keyed):
     questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
     if keyed is not None:  # those turns' rows move from their "?" to their last key word
-        keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
+        keys = key_word_rows(input_ids, questions, marks, ids["keywords"])
         for b, turn in keyed.nonzero().tolist():
             if (marks[b] == turn).any():
                 marks[b][marks[b] == turn] = -1

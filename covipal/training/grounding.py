@@ -126,13 +126,12 @@ def question_rows(input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int
 
 
 def key_word_rows(
-    input_ids: torch.Tensor, questions: torch.Tensor, mark_id: int, keywords: torch.Tensor
+    input_ids: torch.Tensor, questions: torch.Tensor, marks: torch.Tensor, keywords: torch.Tensor
 ) -> torch.Tensor:
-    """[B, T] long: at each turn's last key word before its question's last `mark_id` ("?"), that turn's number;
-    -1 elsewhere (and for a turn whose question names no key word). A colour word's row then finds objects by
-    colour and a place word's row by place, whatever the question asks of them, so different lookups happen at
-    different rows instead of all at the "?"."""
-    marks = question_rows(input_ids, questions, mark_id)
+    """[B, T] long: at each turn's last key word before its question's last "?" (`marks`, from `question_rows`),
+    that turn's number; -1 elsewhere (and for a turn whose question names no key word). A colour word's row then
+    finds objects by colour and a place word's row by place, whatever the question asks of them, so different
+    lookups happen at different rows instead of all at the "?"."""
     keys = questions & torch.isin(input_ids, keywords.to(input_ids.device))[:, None, :]
     rows = torch.full_like(marks, -1)
     for row, position in (marks >= 0).nonzero().tolist():
@@ -171,7 +170,7 @@ def grounding_losses(
     questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
     if keyed is not None and bool(keyed.any()):
-        keys = key_word_rows(input_ids, questions, ids["mark"], ids["keywords"])
+        keys = key_word_rows(input_ids, questions, marks, ids["keywords"])
         on_key = (keys >= 0) & keyed.gather(1, keys.clamp(min=0))
         on_mark = (marks >= 0) & ~keyed.gather(1, marks.clamp(min=0))
         marks = torch.where(on_key, keys, torch.where(on_mark, marks, torch.full_like(marks, -1)))
