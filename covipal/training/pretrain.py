@@ -122,13 +122,18 @@ def check_kinds(recipe: PretrainRecipe) -> None:
         )
 
 
+def turn_kinds(sample: Sample) -> list:
+    """The question kind of each turn of a training conversation (a one-turn sample: its own kind)."""
+    return sample.meta.get("turn_kinds", [sample.meta.get("type")])
+
+
 def counted_tokens(samples: list[Sample], base_tokens: int) -> list[list]:
     """Per sample and turn: for counting turns, the relevant tokens of the base tile (the first `base_tokens`
     visual tokens of an image), else None."""
     out = []
     for sample in samples:
         masks = sample.meta.get("turn_relevance", [sample.relevance])
-        kinds = sample.meta.get("turn_kinds", [sample.meta.get("type")])
+        kinds = turn_kinds(sample)
         row = []
         for mask, kind in zip(masks, kinds):
             counted = None
@@ -146,7 +151,7 @@ def keyed_turns(samples: list[Sample], kinds, turns: int) -> torch.Tensor | None
         return None
     keyed = torch.zeros(len(samples), turns, dtype=torch.bool)
     for row, sample in enumerate(samples):
-        for turn, kind in enumerate(sample.meta.get("turn_kinds", [sample.meta.get("type")])[:turns]):
+        for turn, kind in enumerate(turn_kinds(sample)[:turns]):
             keyed[row, turn] = kind in kinds
     return keyed
 
