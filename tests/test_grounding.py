@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS
+from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, NUMBERS
 from covipal.data.tiny_world import image_sample, video_sample
 from covipal.errors import CovipalError
 from covipal.models.tiny import TinySpec, build_tiny
@@ -31,12 +31,14 @@ from covipal.training.grounding import (
 from covipal.training.layer_input import LayerInputCapture
 from covipal.training.pretrain import (
     PretrainRecipe,
+    count_sink_targets,
     counted_tokens,
     grounding_token_ids,
     pretrain,
     pretraining_loss,
     short_answer_ids,
     training_batch,
+    turn_heads,
 )
 from tests.test_pretrain import SMALL_WORLD
 
@@ -182,8 +184,9 @@ def test_question_rows_key_word_rows_and_key_words_are_those_of_each_turns_quest
     assert rows_as_targets(marks, questions.shape[1]).sum(-1).max() == 1
 
 
-def reference(attentions, query_turn, allowed, targets, columns=None):
-    """The same loss by loops over rows and columns (`columns[b][j]`: original position of row j, -1 = padding)."""
+def reference(attentions, query_turn, allowed, targets, columns=None, heads=None):
+    """The same loss by loops over rows and columns (`columns[b][j]`: original position of row j, -1 = padding;
+    `heads[b, turn]`: the heads a turn's rows average over, default all)."""
     losses = []
     for b in range(attentions.shape[0]):
         cols = columns[b] if columns is not None else list(range(attentions.shape[-1]))
@@ -193,7 +196,8 @@ def reference(attentions, query_turn, allowed, targets, columns=None):
             wanted = targets[b, int(query_turn[b, original])]
             if not any(wanted[c] for c in cols if c >= 0):
                 continue
-            mean = attentions[b, :, j].mean(0)
+            chosen = slice(None) if heads is None else heads[b, int(query_turn[b, original])]
+            mean = attentions[b, chosen, j].mean(0)
             on_allowed = sum(float(mean[k]) for k, c in enumerate(cols) if c >= 0 and allowed[b, c])
             on_wanted = sum(float(mean[k]) for k, c in enumerate(cols) if c >= 0 and allowed[b, c] and wanted[c])
             losses.append(-math.log(on_wanted / on_allowed + 1e-6))
@@ -249,6 +253,36 @@ def test_each_term_equals_the_one_from_eager_attention(eager, drop, keyed):
     ]
     assert [t.item() for t in terms] == pytest.approx(expected, rel=1e-5)
     assert min(expected) > 0.05  # an untrained model does not already attend where it is told to
+
+
+def test_the_image_term_of_a_kind_reads_only_the_heads_it_is_given(eager):
+    model, processor = eager
+    batch, labels, samples = small_batch(processor)
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    relevance = turn_relevance(input_ids == model.config.image_token_id, [s.meta["turn_relevance"] for s in samples])
+    number = model.config.text_config.num_attention_heads
+    kind = samples[0].meta["turn_kinds"][0]
+    heads = turn_heads(samples, {kind: [0, 2]}, relevance.shape[1], number)
+    for row, sample in enumerate(samples):
+        for turn, other in enumerate(sample.meta["turn_kinds"]):
+            assert heads[row, turn].tolist() == ([True, False, True, False] if other == kind else [True] * 4)
+    assert not heads.all() and heads[0, 0].sum() == 2 and number == 4
+    ids = grounding_token_ids(processor.tokenizer)
+    answers = answer_query_rows(labels)
+    with torch.no_grad(), LayerInputCapture(model, 1) as capture:
+        out = model(**batch, output_attentions=True)
+        marks = question_rows(input_ids, question_tokens(input_ids, answers, ids["user"], ids["end"]), ids["mark"])
+        chosen = attention_share_loss(capture, mask, mask, marks, relevance, heads=heads)
+        every = attention_share_loss(capture, mask, mask, marks, relevance)
+        all_heads = attention_share_loss(capture, mask, mask, marks, relevance, heads=torch.ones_like(heads))
+    assert chosen.item() == pytest.approx(reference(out.attentions[1], marks, mask, relevance, heads=heads), rel=1e-5)
+    assert all_heads.item() == pytest.approx(every.item(), rel=1e-6) and abs(chosen.item() - every.item()) > 1e-3
+    for bad, message in (
+        ({"counting": [4]}, r"kind_heads.counting=\[4\] must name some of the LLM's attention heads 0..3"),
+        ({"colour": [0]}, r"kind_heads names unknown question kinds \['colour'\]"),
+    ):
+        with pytest.raises(CovipalError, match=message):
+            pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, kind_heads=bad), progress=False)
 
 
 def test_grounding_layer_without_a_layer_on_each_side_is_refused(tmp_path):
@@ -315,6 +349,56 @@ def test_counting_rows_are_also_told_to_spread_over_their_objects(eager, drop):
     assert uneven > 0.01  # some counting row counts two or more objects and an untrained model is uneven
     assert with_spread.item() == pytest.approx(plain.item() + uneven / rows, rel=1e-5)
     assert plain.item() == pytest.approx(reference(out.attentions[1], marks, mask, relevance, columns), rel=1e-5)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_counting_rows_target_the_first_token_and_one_token_per_counted_object(eager, drop):
+    model, processor = eager
+    rng = np.random.default_rng(4)
+    samples = [image_sample(rng, "short", kinds=kinds, turns=3) for kinds in (["counting"], ["counting", "existence"])]
+    batch = training_batch(processor, samples)
+    labels = batch.pop("labels")
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    visual = input_ids == model.config.image_token_id
+    relevance = turn_relevance(visual, [s.meta["turn_relevance"] for s in samples])
+    targets, sink = count_sink_targets(samples, visual, batch["attention_mask"], relevance)
+    counts = []
+    for row, sample in enumerate(samples):
+        first = int(mask[row].nonzero()[0])
+        for turn, kind in enumerate(sample.meta["turn_kinds"]):
+            if kind != "counting":
+                assert torch.equal(targets[row, turn], relevance[row, turn]) and not sink[row, turn].any()
+                continue
+            objects = NUMBERS.index(sample.meta["turn_short_answers"][turn])
+            marked = sink[row, turn].nonzero().squeeze(1).tolist()
+            assert (
+                len(marked) == objects + 1 and marked[0] == first and torch.equal(targets[row, turn], sink[row, turn])
+            )
+            assert (relevance[row, turn] | ~sink[row, turn])[first + 1 :].all()  # the others are counted tokens
+            counts.append(objects)
+    assert len(set(counts)) >= 2 and len(counts) < 6  # different counts occur, and other kinds too
+    ids = grounding_token_ids(processor.tokenizer)
+    answers = answer_query_rows(labels)
+    with torch.no_grad(), LayerInputCapture(model, 1) as capture:
+        if drop:
+            with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
+                session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+                out = model(**batch, output_attentions=True)
+            kept = session.record.kept
+            columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
+        else:
+            out, kept, columns = model(**batch, output_attentions=True), None, None
+        marks = question_rows(input_ids, question_tokens(input_ids, answers, ids["user"], ids["end"]), ids["mark"])
+        loss = attention_share_loss(capture, mask, mask, marks, targets, kept, sink)
+    rows = int((marks >= 0).sum())
+    expected = (
+        reference(out.attentions[1], marks, mask, targets, columns)
+        + spread_reference(out.attentions[1], marks, sink, columns) / rows
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    recipe = PretrainRecipe(count_sink=True, count_spread=True)
+    with pytest.raises(CovipalError, match="count_sink and pretrain.count_spread are both true"):
+        pretrain(model, processor, recipe, progress=False)
 
 
 def test_unevenness_is_zero_when_even_and_cannot_be_lowered_by_looking_away():

@@ -12,7 +12,16 @@ import numpy as np
 from PIL import Image
 
 from covipal.data.export import BENCHMARKS, benchmark_samples, read_video, write_tiny_world
-from covipal.data.synthetic import CELL, COLOURS, IMAGE_SIZE, Scene, SceneObject, image_token_relevance
+from covipal.data.synthetic import (
+    CELL,
+    COLOURS,
+    IMAGE_SIZE,
+    NUMBERS,
+    Scene,
+    SceneObject,
+    image_token_anchors,
+    image_token_relevance,
+)
 from covipal.data.tiny_world import image_sample, video_sample
 from covipal.models.tiny import TinySpec, tiny_processor
 
@@ -73,6 +82,28 @@ def test_relevant_tokens_are_those_covering_the_object():
     x0, y0, x1, y1 = scene.objects[0].box
     assert (pixels[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2] == COLOURS["red"]).all()
     assert x1 - x0 == 2 * CELL and IMAGE_SIZE == 128
+
+
+def test_anchors_are_each_counted_objects_top_left_full_resolution_token():
+    scene = Scene([SceneObject("square", "red", True, 3, 12), SceneObject("cross", "red", False, 10, 2)])
+    anchors = image_token_anchors(scene, [0, 1])
+    base, full = 64, 16
+    assert [((i - base) // (full + 1), (i - base) % (full + 1)) for i in np.flatnonzero(anchors)] == [(3, 12), (10, 2)]
+    for index in (0, 1):
+        alone = image_token_anchors(scene, [index])
+        assert alone.sum() == 1 and not (alone & ~image_token_relevance(scene, [index])).any()
+
+
+def test_counting_counts_the_objects_of_a_colour_and_every_turn_has_its_anchors():
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        sample = image_sample(rng, "short", kinds=("counting",), turns=3)
+        assert sample.meta["turn_kinds"] == ["counting"] * len(sample.meta["turn_anchors"])
+        for anchors, relevance in zip(sample.meta["turn_anchors"], sample.meta["turn_relevance"]):
+            assert not (anchors & ~relevance).any()
+        colour = sample.question.split()[2]
+        assert sample.question.startswith(f"how many {colour} objects are there?") and colour in COLOURS
+        assert NUMBERS.index(sample.answer) == sample.meta["turn_anchors"][0].sum() >= 1
 
 
 def test_export_writes_every_layout(tmp_path):

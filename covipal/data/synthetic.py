@@ -4,9 +4,12 @@ Images are 128×128 px on four flat quadrant tints (the tint around an object is
 is). Objects sit in cells of a 16×16 grid of 8-px cells — one cell (small) or 2×2 cells (large) — so each
 object covers only a handful of visual tokens of the tiny model's anyres layout, and attributes repeat across
 objects so the answer cannot be found by elimination. Grey specks are distractors. Every question picks out its
-objects by one attribute (the only object in a quadrant, the only object of a colour, all objects of a colour or
-shape) and asks for another, so answering means finding those objects' tokens and reading them. Videos are 8
-frames of 64×64 px in which shapes appear, disappear and move.
+objects by one attribute (the only object in a quadrant, the only object of a colour, all objects of a colour)
+and asks for another, so answering means finding those objects' tokens and reading them. Counting counts the
+objects of a colour, not of a shape: every token of an object shows its colour, but one full-resolution token
+shows only a quarter of a large object and a base-tile token blurs a small one, so a count of shapes cannot be
+read off one token per object (counts of a shape were never learned: docs/tiny_world_probes.md). Videos are
+8 frames of 64×64 px in which shapes appear, disappear and move.
 
 Every question records which objects it is about, and `image_token_relevance` / `video_token_relevance` map
 those objects to positions in the model's visual token sequence, for the ground-truth oracle pruner.
@@ -21,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when what the generator produces changes: cached training splits and pretrained tiny models are keyed by it.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -30,14 +33,13 @@ COLOURS = {
     "yellow": (240, 220, 30),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUADRANT_TINTS = (70, 110, 150, 190)
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 TIMES = ("beginning", "middle", "end")
 LETTERS = "ABCD"
 # The words by which questions pick out objects (what a question row is taught to read in pretraining).
-KEY_WORDS = (*COLOURS, *SHAPES, *PLURALS.values(), "top", "bottom", "left", "right", "bigger", "first", "moving")
+KEY_WORDS = (*COLOURS, *SHAPES, "top", "bottom", "left", "right", "bigger", "first", "moving")
 
 IMAGE_SIZE = 128
 CELL = 8
@@ -201,18 +203,13 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
             return None
         i = int(rng.choice(candidates))
         return Question(kind, f"where is the {objs[i].colour} object?", objs[i].quadrant, list(QUADRANTS), [i])
-    if kind == "counting":
-        if rng.random() < 0.5:
-            colour = str(rng.choice(present_colours))
-            about = [i for i, o in enumerate(objs) if o.colour == colour]
-            q = f"how many {colour} objects are there?"
-        else:
-            shape = str(rng.choice(present_shapes))
-            about = [i for i, o in enumerate(objs) if o.shape == shape]
-            q = f"how many {PLURALS[shape]} are there?"
+    if kind == "counting":  # of a colour: one token shows an object's colour, not always its shape (module doc)
+        colour = str(rng.choice(present_colours))
+        about = [i for i, o in enumerate(objs) if o.colour == colour]
         if len(about) > 4:
             return None
         answer = NUMBERS[len(about)]
+        q = f"how many {colour} objects are there?"
         return Question(kind, q, answer, _options(rng, answer, NUMBERS[1:5]), about)
     if kind == "existence":
         if rng.random() < 0.5:
@@ -357,6 +354,18 @@ def image_token_relevance(scene: Scene, about: list[int], patch: int = 8, crop: 
         for r in range(y0 // patch, math.ceil(y1 / patch)):
             for c in range(x0 // patch, math.ceil(x1 / patch)):
                 mask[base * base + r * (full + 1) + c] = True
+    return mask
+
+
+def image_token_anchors(scene: Scene, about: list[int], patch: int = 8, crop: int = 64) -> np.ndarray:
+    """Bool mask over the same visual tokens as `image_token_relevance` that marks one token per object in
+    `about`: the full-resolution token of its top-left cell. One token per object, so attending evenly to them
+    weighs every object alike whatever its size."""
+    base, full = crop // patch, IMAGE_SIZE // patch
+    mask = np.zeros(base * base + full * (full + 1), dtype=bool)
+    for index in about:
+        x0, y0, _, _ = scene.objects[index].box
+        mask[base * base + (y0 // patch) * (full + 1) + x0 // patch] = True
     return mask
 
 

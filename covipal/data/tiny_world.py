@@ -9,6 +9,7 @@ from covipal.data.synthetic import (
     IMAGE_QUESTION_TYPES,
     VIDEO_QUESTION_TYPES,
     Question,
+    image_token_anchors,
     image_token_relevance,
     random_image_question,
     random_scene,
@@ -24,22 +25,23 @@ def _sample(question: Question, fmt: str, relevance: np.ndarray, **visual) -> Sa
     return Sample(prompt, answer=answer, relevance=relevance, meta=meta, **visual)
 
 
-def _add_turns(sample: Sample, rng, ask, relevance, turns: int, mcq_fraction: float) -> None:
+def _add_turns(sample: Sample, rng, ask, relevance, turns: int, mcq_fraction: float, first: Question, anchors=None):
     """Further (prompt, answer) turns about the same scene in `meta["turns"]`, for multi-turn training
     conversations, and every turn's relevance mask, short answer and kind (the first question's included) in
-    `meta["turn_relevance"]`, `meta["turn_short_answers"]` and `meta["turn_kinds"]`."""
-    extra, masks, shorts, kinds = [], [sample.relevance], [sample.meta["short_answer"]], [sample.meta["type"]]
+    `meta["turn_relevance"]`, `meta["turn_short_answers"]` and `meta["turn_kinds"]`; with `anchors` (objects ->
+    mask), also every turn's one token per object in `meta["turn_anchors"]`."""
+    extra, questions = [], [first]
     for _ in range(turns - 1):
         question = ask()
         if question is not None:
             extra.append(question.mcq() if rng.random() < mcq_fraction else question.short())
-            masks.append(relevance(question.about))
-            shorts.append(question.answer)
-            kinds.append(question.kind)
+            questions.append(question)
     sample.meta["turns"] = extra
-    sample.meta["turn_relevance"] = masks
-    sample.meta["turn_short_answers"] = shorts
-    sample.meta["turn_kinds"] = kinds
+    sample.meta["turn_relevance"] = [sample.relevance] + [relevance(q.about) for q in questions[1:]]
+    sample.meta["turn_short_answers"] = [q.answer for q in questions]
+    sample.meta["turn_kinds"] = [q.kind for q in questions]
+    if anchors is not None:
+        sample.meta["turn_anchors"] = [anchors(q.about) for q in questions]
 
 
 def image_sample(
@@ -59,7 +61,9 @@ def image_sample(
     sample = _sample(question, fmt, image_token_relevance(scene, question.about), images=[scene.render()])
     sample.meta["scene_relevance"] = image_token_relevance(scene, list(range(len(scene.objects))))
     ask = lambda: random_image_question(rng, scene, kinds)  # noqa: E731
-    _add_turns(sample, rng, ask, lambda about: image_token_relevance(scene, about), turns, mcq_fraction)
+    relevance = lambda about: image_token_relevance(scene, about)  # noqa: E731
+    anchors = lambda about: image_token_anchors(scene, about)  # noqa: E731
+    _add_turns(sample, rng, ask, relevance, turns, mcq_fraction, question, anchors)
     return sample
 
 
@@ -73,7 +77,7 @@ def video_sample(
     sample = _sample(question, fmt, video_token_relevance(scene, question.about), video=scene.render())
     sample.meta["scene_relevance"] = video_token_relevance(scene, list(range(len(scene.objects))))
     ask = lambda: random_video_question(rng, scene, kinds)  # noqa: E731
-    _add_turns(sample, rng, ask, lambda about: video_token_relevance(scene, about), turns, mcq_fraction)
+    _add_turns(sample, rng, ask, lambda about: video_token_relevance(scene, about), turns, mcq_fraction, question)
     return sample
 
 

@@ -73,6 +73,7 @@ def attention_share_loss(
     targets: torch.Tensor,
     kept: Compaction | None = None,
     spread: torch.Tensor | None = None,
+    heads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over query rows (`query_turn` >= 0) of −log(share of the row's attention on the `allowed` columns,
     averaged over heads, that falls on its turn's `targets` columns). All [B, T] / [B, turns, T] arguments are in
@@ -80,7 +81,9 @@ def attention_share_loss(
 
     `spread` ([B, turns, T], e.g. one token per counted object) adds, for the turns that have two or more such
     tokens, KL(uniform ‖ the row's attention renormalised over them): the row attends to each counted object
-    alike, so what it reads there depends on how many there are, not on which one it happened to find."""
+    alike, so what it reads there depends on how many there are, not on which one it happened to find.
+
+    `heads` ([B, turns, H] bool) averages each turn's row over those heads only (None: all heads)."""
     if kept is not None:
         key_mask, allowed = kept.gather_mask(key_mask), kept.gather_mask(allowed)
         query_turn = torch.where(kept.valid, kept.gather(query_turn), torch.full_like(kept.index, -1))
@@ -97,7 +100,11 @@ def attention_share_loss(
     wanted = targets.gather(1, per_row)  # [B, Q, T]
     valid = (turns >= 0) & wanted.any(-1)
     probabilities = attention_rows(capture.layer, capture.hidden, capture.position_embeddings, key_mask, order)
-    mean = probabilities.mean(1)  # [B, Q, T]
+    if heads is None:
+        mean = probabilities.mean(1)  # [B, Q, T]
+    else:
+        chosen = heads.gather(1, turns.clamp(min=0)[..., None].expand(-1, -1, heads.shape[2])).to(probabilities.dtype)
+        mean = torch.einsum("bhqt,bqh->bqt", probabilities, chosen) / chosen.sum(-1, keepdim=True).clamp(min=1)
     on_allowed = (mean * allowed[:, None, :]).sum(-1)
     on_targets = (mean * (wanted & allowed[:, None, :])).sum(-1)
     losses = -torch.log(on_targets / on_allowed.clamp(min=1e-12) + 1e-6)
@@ -159,6 +166,7 @@ def grounding_losses(
     probe=None,
     spread: torch.Tensor | None = None,
     keyed: torch.Tensor | None = None,
+    heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The three terms (key words, image, question row) for captures at layers l-1, l, l+1. `ids` holds the
     token ids of "user", the message end, "?" and a tensor of key-word ids. With `probe` = (LM head on hidden
@@ -166,7 +174,8 @@ def grounding_losses(
     layer l (the input captured at l+1), read by the head, against its turn's answer token. `spread`: tokens over which
     the image term also asks each turn's row to spread its attention evenly (see `attention_share_loss`). `keyed`
     ([B, turns] bool): the turns whose question row is their last key word (`key_word_rows`) instead of their last
-    "?"; the probe skips them."""
+    "?"; the probe skips them. `heads` ([B, turns, H] bool): the heads whose attention the image term reads for
+    each turn (None: all)."""
     questions = question_tokens(input_ids, answer_rows, ids["user"], ids["end"])
     marks = question_rows(input_ids, questions, ids["mark"])
     if keyed is not None and bool(keyed.any()):
@@ -178,7 +187,7 @@ def grounding_losses(
             probe = (probe[0], torch.where(keyed[:, : probe[1].shape[1]], -1, probe[1]))
     keywords = questions & torch.isin(input_ids, ids["keywords"])[:, None, :]
     read = attention_share_loss(captures[0], attention_mask, attention_mask, marks, keywords, kept)
-    look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept, spread)
+    look = attention_share_loss(captures[1], attention_mask, attention_mask, marks, relevance, kept, spread, heads)
     targets = rows_as_targets(marks, questions.shape[1])
     recall = attention_share_loss(captures[2], attention_mask, attention_mask, answer_rows, targets, kept)
     if probe is None:

@@ -53,8 +53,16 @@ class PretrainRecipe:
     # counting questions' rows also spread their attention evenly over the counted objects' base-tile tokens
     # (grounding.attention_share_loss), so what they read depends on how many there are
     count_spread: bool = False
+    # counting questions' rows attend evenly to the first token (a sink) and to one token per counted object
+    # (`count_sink_targets`), so the share the sink keeps, 1/(n+1), tells how many there are. Replaces the image
+    # targets of counting turns, and excludes `count_spread`
+    count_sink: bool = False
+    # {kind: [attention heads]}: the image term of those kinds' rows reads only these heads' mean attention (the
+    # others' rows read all heads), so lookups with different keys (by place, by colour) need not share heads.
+    # null = every kind reads all heads
+    kind_heads: dict | None = None
     # (fraction of steps from which it applies, image question kinds or null = `kinds`): some kinds trained before
-    # the others (README, the tiny world: not a robust gain so far); null = `kinds` throughout
+    # the others (docs/tiny_world_probes.md: not a robust gain so far); null = `kinds` throughout
     kind_phases: list | None = None
     # question kinds whose question row is their last key word, not their last "?" (grounding.key_word_rows): a
     # colour word's row finds objects by colour and a place word's row by place, so these lookups stop competing
@@ -97,9 +105,9 @@ def _kinds_at(recipe: PretrainRecipe, step: int) -> tuple | None:
     return None if kinds is None else tuple(kinds)
 
 
-def check_kinds(recipe: PretrainRecipe) -> None:
-    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds` or phases that
-    start after 0."""
+def check_recipe(recipe: PretrainRecipe) -> None:
+    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds`, phases that
+    start after 0, or both counting terms at once."""
     lists = [("kinds", recipe.kinds)] + [
         (f"kind_phases[{i}]", row[1]) for i, row in enumerate(recipe.kind_phases or [])
     ]
@@ -115,6 +123,17 @@ def check_kinds(recipe: PretrainRecipe) -> None:
         raise CovipalError(
             f"pretrain.key_word_kinds={recipe.key_word_kinds} names unknown question kinds {unknown}; "
             f"use some of {list(IMAGE_QUESTION_TYPES + VIDEO_QUESTION_TYPES)} (or null for none)"
+        )
+    unknown = sorted(set(recipe.kind_heads or {}) - set(IMAGE_QUESTION_TYPES) - set(VIDEO_QUESTION_TYPES))
+    if unknown:
+        raise CovipalError(
+            f"pretrain.kind_heads names unknown question kinds {unknown}; "
+            f"use some of {list(IMAGE_QUESTION_TYPES + VIDEO_QUESTION_TYPES)} (or null for none)"
+        )
+    if recipe.count_sink and recipe.count_spread:
+        raise CovipalError(
+            "pretrain.count_sink and pretrain.count_spread are both true; they set the same counting term, "
+            "so set one of them to false"
         )
     if recipe.kind_phases and recipe.kind_phases[0][0] != 0:
         raise CovipalError(
@@ -143,6 +162,38 @@ def counted_tokens(samples: list[Sample], base_tokens: int) -> list[list]:
             row.append(counted)
         out.append(row)
     return out
+
+
+def count_sink_targets(
+    samples: list[Sample], visual: torch.Tensor, attention_mask: torch.Tensor, relevance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image targets, tokens to spread evenly over), both [B, turns, T]: for counting turns, the first attended
+    token plus each counted object's anchor token (`meta["turn_anchors"]`); other turns keep their `relevance` and
+    spread over nothing."""
+    turns = relevance.shape[1]
+    counting = keyed_turns(samples, ["counting"], turns).to(relevance.device)
+    anchors = [
+        [s.meta["turn_anchors"][turn] if kind == "counting" else None for turn, kind in enumerate(turn_kinds(s))]
+        for s in samples
+    ]
+    first = torch.zeros_like(attention_mask, dtype=torch.bool)
+    first[torch.arange(len(samples)), attention_mask.long().argmax(1)] = True  # padding may be on the left
+    sink = turn_relevance(visual, anchors) | (counting[..., None] & first[:, None, :])
+    return torch.where(counting[..., None], sink, relevance), sink
+
+
+def turn_heads(samples: list[Sample], kind_heads: dict | None, turns: int, heads: int) -> torch.Tensor | None:
+    """[B, turns, heads] bool: the attention heads each turn's image term reads (`PretrainRecipe.kind_heads`;
+    None when it is empty)."""
+    if not kind_heads:
+        return None
+    chosen = torch.ones(len(samples), turns, heads, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        for turn, kind in enumerate(turn_kinds(sample)[:turns]):
+            if kind in kind_heads:
+                chosen[row, turn] = False
+                chosen[row, turn, list(kind_heads[kind])] = True
+    return chosen
 
 
 def keyed_turns(samples: list[Sample], kinds, turns: int) -> torch.Tensor | None:
@@ -213,10 +264,16 @@ def pretraining_loss(
             vision = config.vision_config
             base = (vision.image_size // vision.patch_size) ** 2
             spread = turn_relevance(visual, counted_tokens(samples, base))
+        if recipe.count_sink:
+            relevance, spread = count_sink_targets(samples, visual, batch["attention_mask"], relevance)
         answer_rows = answer_query_rows(labels)
         keyed = keyed_turns(samples, recipe.key_word_kinds, relevance.shape[1])
         keyed = None if keyed is None else keyed.to(input_ids.device)
-        terms = grounding_losses(captures, input_ids, mask, answer_rows, relevance, ids, kept, probe, spread, keyed)
+        heads = turn_heads(samples, recipe.kind_heads, relevance.shape[1], config.text_config.num_attention_heads)
+        heads = None if heads is None else heads.to(input_ids.device)
+        terms = grounding_losses(
+            captures, input_ids, mask, answer_rows, relevance, ids, kept, probe, spread, keyed, heads
+        )
         grounding = sum(terms)
     if kept is not None:  # labels follow the tokens that stayed
         labels = torch.where(kept.valid, labels.gather(1, kept.index), torch.full_like(kept.index, -100))
@@ -253,7 +310,13 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
             f"pretrain.grounding_layer={recipe.grounding_layer} but it needs a layer before and after it among the "
             f"LLM's layers 0..{layers - 1}; pick one of 1..{layers - 2}"
         )
-    check_kinds(recipe)
+    check_recipe(recipe)
+    heads = model.config.text_config.num_attention_heads
+    for kind, chosen in (recipe.kind_heads or {}).items():
+        if not chosen or not all(0 <= int(h) < heads for h in chosen):
+            raise CovipalError(
+                f"pretrain.kind_heads.{kind}={list(chosen)} must name some of the LLM's attention heads 0..{heads - 1}"
+            )
     ids = grounding_token_ids(processor.tokenizer)
     torch.manual_seed(recipe.seed)
     model.train()
