@@ -106,8 +106,8 @@ def _kinds_at(recipe: PretrainRecipe, step: int) -> tuple | None:
 
 
 def check_recipe(recipe: PretrainRecipe) -> None:
-    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds`, phases that
-    start after 0, or both counting terms at once."""
+    """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds` / `kind_heads`,
+    phases that start after 0, or both counting terms at once."""
     lists = [("kinds", recipe.kinds)] + [
         (f"kind_phases[{i}]", row[1]) for i, row in enumerate(recipe.kind_phases or [])
     ]
