@@ -313,6 +313,19 @@ def spread_reference(attentions, query_turn, spread, columns=None):
     return total
 
 
+def eager_forward(model, batch, samples, drop: bool):
+    """(outputs with attentions, the kept tokens or None, each row's original position or -1) of one forward,
+    with the focus pruner dropping background tokens when `drop`."""
+    if not drop:
+        return model(**batch, output_attentions=True), None, None
+    with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
+        session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+        out = model(**batch, output_attentions=True)
+    kept = session.record.kept
+    columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
+    return out, kept, columns
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_counting_rows_are_also_told_to_spread_over_their_objects(eager, drop):
     model, processor = eager
@@ -332,14 +345,7 @@ def test_counting_rows_are_also_told_to_spread_over_their_objects(eager, drop):
     ids = grounding_token_ids(processor.tokenizer)
     answers = answer_query_rows(labels)
     with torch.no_grad(), LayerInputCapture(model, 1) as capture:
-        if drop:
-            with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
-                session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
-                out = model(**batch, output_attentions=True)
-            kept = session.record.kept
-            columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
-        else:
-            out, kept, columns = model(**batch, output_attentions=True), None, None
+        out, kept, columns = eager_forward(model, batch, samples, drop)
         questions = question_tokens(input_ids, answers, ids["user"], ids["end"])
         marks = question_rows(input_ids, questions, ids["mark"])
         with_spread = attention_share_loss(capture, mask, mask, marks, relevance, kept, spread)
@@ -380,14 +386,7 @@ def test_counting_rows_target_the_first_token_and_one_token_per_counted_object(e
     ids = grounding_token_ids(processor.tokenizer)
     answers = answer_query_rows(labels)
     with torch.no_grad(), LayerInputCapture(model, 1) as capture:
-        if drop:
-            with PruningSession(model, FocusPruner(0.2, seed=1)) as session:
-                session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
-                out = model(**batch, output_attentions=True)
-            kept = session.record.kept
-            columns = [[int(i) if v else -1 for i, v in zip(ix, va)] for ix, va in zip(kept.index, kept.valid)]
-        else:
-            out, kept, columns = model(**batch, output_attentions=True), None, None
+        out, kept, columns = eager_forward(model, batch, samples, drop)
         marks = question_rows(input_ids, question_tokens(input_ids, answers, ids["user"], ids["end"]), ids["mark"])
         loss = attention_share_loss(capture, mask, mask, marks, targets, kept, sink)
     rows = int((marks >= 0).sum())
