@@ -118,6 +118,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
         "method": cfg.label or _method_name(_pruner_choice(), cfg.get("adapter")),
         "pruner": OmegaConf.to_container(cfg.pruner, resolve=True),
         "adapter": cfg.get("adapter"),
+        "seed": cfg.seed,
         "data_root": str(root),
         "benchmarks": {},
     }
@@ -130,11 +131,14 @@ def evaluate(cfg: DictConfig) -> dict | None:
     if rank != 0:
         return None
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"{'benchmark':24} {'score':>7} {'r achieved':>10} {'prefill s':>9}")
+    print(f"{'benchmark':24} {'score':>7} {'r achieved':>10} {'prefill s':>9} {'relevant kept':>13}")
     for name, result in metrics["benchmarks"].items():
         score = "n/a" if result["score"] is None else f"{result['score']:.1f}"
         ratio = result.get("reserve_ratio_achieved", float("nan"))
-        print(f"{name:24} {score:>7} {ratio:10.4f} {result.get('prefill_seconds_per_sample', float('nan')):9.4f}")
+        kept = result.get("relevant_kept_last_layer")
+        kept = "–" if kept is None else f"{100 * kept:.1f}%"
+        prefill = result.get("prefill_seconds_per_sample", float("nan"))
+        print(f"{name:24} {score:>7} {ratio:10.4f} {prefill:9.4f} {kept:>13}")
     print(f"results in {output}")
     return metrics
 

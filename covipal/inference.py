@@ -24,6 +24,8 @@ class Answer:
     prefill_seconds: float  # the prefill forward (vision, pruner, LLM), shared equally by the batch's samples
     pruner_seconds: float = 0.0  # of which in the pruner's selection (the PPM for CoViPAL), shared likewise
     generate_seconds: float = 0.0  # the whole generate() call, shared likewise
+    relevant_kept: list[float] | None = None  # per LLM layer, the share of the question's relevant visual tokens
+    #                                          it takes in (tiny world: from `Sample.relevance`; else None)
 
 
 def build_prompt(processor, sample: Sample) -> str:
@@ -59,6 +61,7 @@ def answer_batch(
             prefill_seconds=record.prefill_seconds / len(batch),
             generate_seconds=seconds / len(batch),
             pruner_seconds=record.select_seconds / len(batch),
+            relevant_kept=record.relevant_kept(row, batch[row].relevance),
         )
         for row in range(len(batch))
     ]

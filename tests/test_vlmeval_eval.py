@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from covipal import api
 from covipal.cli import group_options
@@ -218,6 +219,7 @@ def test_report_builds_the_table_from_a_real_sweep(data_root, tmp_path, monkeypa
         "-m",
         "pruner=none,random",
         "pruner.reserve_ratio=0.5,0.25",
+        "seed=0,1",
         UNTRAINED,
         "num_samples=16",
         "benchmark.tiny_world_rows=16",
@@ -228,22 +230,48 @@ def test_report_builds_the_table_from_a_real_sweep(data_root, tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", argv)
     entry.main()
     jobs = sorted(sweep.glob("*/metrics.json"))
-    assert len(jobs) == 4
+    assert len(jobs) == 8
     report_main([str(sweep)])
     table = pd.read_csv(sweep / "report.csv")
-    assert table[["method", "target_r"]].values.tolist() == [["none", 1.0], ["random", 0.5], ["random", 0.25]]
+    assert table[["method", "target_r", "seeds"]].values.tolist() == [
+        ["none", 1.0, 2],
+        ["random", 0.5, 2],
+        ["random", 0.25, 2],
+    ]
     metrics = [json.loads(p.read_text()) for p in jobs]
     none = next(m for m in metrics if m["method"] == "none")["benchmarks"]
     for row in table.itertuples():
         if row.method == "none":
-            assert row.avg_relative == pytest.approx(100)
+            assert row.avg_relative == pytest.approx(100) and row.loyalty == pytest.approx(100)
             continue
-        job = next(m for m in metrics if m["method"] == "random" and m["pruner"]["reserve_ratio"] == row.target_r)
-        scores = {name: result["score"] for name, result in job["benchmarks"].items()}
+        seeds = [m for m in metrics if m["method"] == "random" and m["pruner"]["reserve_ratio"] == row.target_r]
+        assert sorted(m["seed"] for m in seeds) == [0, 1]
+        scores = {n: sum(m["benchmarks"][n]["score"] for m in seeds) / 2 for n in seeds[0]["benchmarks"]}
         assert row.TinyWorld_MCQ == pytest.approx(scores["TinyWorld_MCQ"])
         expected = sum(100 * scores[n] / none[n]["score"] for n in scores) / len(scores)
         assert row.avg_relative == pytest.approx(expected)
+        assert row.vs_none == pytest.approx(row.mean - table.loc[0, "mean"])  # paired over the same questions
+        assert row.vs_none_low <= row.vs_none <= row.vs_none_high and 0 <= row.loyalty <= 100
     assert (sweep / "report.png").stat().st_size > 1000 and "| none |" in (sweep / "report.md").read_text()
+
+
+def test_report_groups_the_seeds_of_a_seeded_adapter_or_classifier_as_one_method():
+    from covipal.report import group_key
+
+    def run(seed, **extra):
+        return {
+            "model": "tiny",
+            "method": "pdrop",
+            "label": "pdrop_star",
+            "seed": seed,
+            "pruner": {"name": "pdrop", "reserve_ratio": 0.25, "seed": seed},
+            **extra,
+        }
+
+    seeded = [run(s, adapter=f"/runs/s{s}/final") for s in (0, 1, 2)]
+    assert len({group_key(r) for r in seeded}) == 1
+    assert group_key(run(0)) != group_key(seeded[0])  # with and without an adapter stay apart
+    assert group_key(run(0, pruner={"name": "pdrop", "reserve_ratio": 0.5})) != group_key(run(0))
 
 
 def test_the_slurm_launcher_config_composes():
@@ -332,3 +360,10 @@ def test_a_run_directory_refuses_results_of_another_configuration(tmp_path):
             api.compose("eval", ["pruner=pdrop", "adapter=/runs/a/final", "pruner.reserve_ratio=0.25"]),
             write=True,
         )
+
+
+def test_importing_vlmevalkit_leaves_gradients_on():
+    """vlmeval.vlm switches gradients off for the whole process when imported; ours restores them."""
+    import covipal.evaluation.vlmevalkit.model  # noqa: F401
+
+    assert torch.is_grad_enabled()

@@ -73,17 +73,6 @@ def kept_token_heatmap(model, image: Image.Image, kept: np.ndarray, title: str =
     return sheet
 
 
-def kept_visual_tokens(record, row: int = 0) -> np.ndarray:
-    """Bool over sample `row`'s visual tokens (in order) in a pruning session's record: those the last LLM layer
-    still sees."""
-    positions = record.stages[0].visual[row].nonzero().squeeze(1)
-    kept = record.kept
-    if kept is None:
-        return np.ones(len(positions), dtype=bool)
-    survivors = set(kept.index[row][kept.valid[row]].tolist())
-    return np.array([int(p) in survivors for p in positions], dtype=bool)
-
-
 def save_heatmap(model, image: Image.Image, kept: np.ndarray, path: Path, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     kept_token_heatmap(model, image, kept, title).save(path)

@@ -74,6 +74,29 @@ class PrefillRecord:
         """Compaction from the original sequence to the LLM's output rows (None if nothing was dropped)."""
         return self.stages[-1].compaction
 
+    def visual_kept(self, row: int, layer: int | None = None) -> torch.Tensor:
+        """Bool over sample `row`'s visual tokens (in input order): those decoder `layer` (None: the last stage,
+        what the last layer sees) takes in. A merged token counts as the member whose slot it takes."""
+        positions = self.stages[0].visual[row].nonzero().squeeze(1)
+        compaction = (self.stages[-1] if layer is None else self.stage_at(layer)).compaction
+        if compaction is None:
+            return torch.ones(len(positions), dtype=torch.bool, device=positions.device)
+        kept = torch.zeros(self.length, dtype=torch.bool, device=positions.device)
+        kept[compaction.index[row][compaction.valid[row]]] = True
+        return kept[positions]
+
+    def relevant_kept(self, row: int, relevance) -> list[float] | None:
+        """Per decoder layer, the share of sample `row`'s relevant visual tokens (`relevance`: bool over its visual
+        tokens in order) that the layer takes in; None without relevant tokens."""
+        if relevance is None:
+            return None
+        relevant = torch.as_tensor(relevance, dtype=torch.bool).to(self.n_visual.device)
+        if not bool(relevant.any()):
+            return None
+        return [
+            float((self.visual_kept(row, layer) & relevant).sum() / relevant.sum()) for layer in range(self.num_layers)
+        ]
+
 
 def _now(model: nn.Module) -> float:
     """perf_counter after the device's queued work (CUDA runs asynchronously), so intervals time the work."""

@@ -19,7 +19,7 @@ from vlmeval.vlm.base import BaseModel
 
 from covipal.data.sample import Sample
 from covipal.data.sources import sample_frames
-from covipal.evaluation.heatmap import kept_visual_tokens, save_heatmap
+from covipal.evaluation.heatmap import save_heatmap
 from covipal.evaluation.vlmevalkit.prompts import PROMPT_TYPES, question_text
 from covipal.inference import answer_batch
 from covipal.models.loading import LoadedModel
@@ -52,6 +52,7 @@ class PrunedVLM(BaseModel):
         self.heatmaps = 0  # kept-token heat maps to draw per benchmark (single-image questions), into heatmap_dir
         self.heatmap_dir: Path | None = None
         self._drawn: dict[str, int] = {}
+        self._row_index = None  # the benchmark row being answered (set by build_prompt)
 
     @classmethod
     def for_run(cls, loaded: LoadedModel, pruner: Pruner, max_new_tokens: int | None = None) -> PrunedVLM:
@@ -70,6 +71,8 @@ class PrunedVLM(BaseModel):
         return self.dataset_types.get(dataset) in PROMPT_TYPES
 
     def build_prompt(self, line, dataset=None, video_llm: bool = True) -> list[dict]:
+        # VLMEvalKit builds each row's prompt just before it asks for the answer: the row's index goes with it
+        self._row_index = line.get("index")
         if isinstance(dataset, str):  # image benchmarks pass the name
             kind = self.dataset_types[dataset]
             media = [{"type": "image", "value": path} for path in self.dump_image(line, dataset)]
@@ -106,7 +109,7 @@ class PrunedVLM(BaseModel):
         self._drawn[dataset] = drawn + 1
         stem = Path(next(item["value"] for item in message if item["type"] == "image")).stem
         title = f"{sample.question.splitlines()[0]} -> {answer.text}   r={answer.reserve_ratio:.3f}"
-        kept = kept_visual_tokens(self.session.record)
+        kept = self.session.record.visual_kept(0).cpu().numpy()
         save_heatmap(self.loaded.model, sample.images[0], kept, self.heatmap_dir / str(dataset) / f"{stem}.png", title)
 
     def generate_inner(self, message, dataset=None) -> str:
@@ -118,7 +121,10 @@ class PrunedVLM(BaseModel):
             self.draw_heatmap(message, sample, answer, dataset)
         if self.stats_file is not None:
             key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
-            row = {"key": key, "prediction": answer.text, **{k: v for k, v in vars(answer).items() if k != "text"}}
+            index, self._row_index = self._row_index, None
+            index = index.item() if hasattr(index, "item") else index  # numpy scalars as plain JSON numbers
+            row = {"key": key, "index": index, "prediction": answer.text}
+            row.update({k: v for k, v in vars(answer).items() if k != "text"})
             self.stats_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.stats_file, "a") as handle:
                 handle.write(json.dumps(row) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from vlmeval.inference import infer_data_job
 from vlmeval.inference_video import infer_data_job_video
-from vlmeval.smp import get_pred_file_path, get_rank_and_world_size
+from vlmeval.smp import get_pred_file_path, get_rank_and_world_size, load
 
 from covipal.errors import CovipalError
 from covipal.evaluation.vlmevalkit.datasets import open_benchmark
@@ -64,20 +64,25 @@ def _overall(table) -> float | None:
     return None if value is None else float(value)
 
 
-def pruning_statistics(stats_dir: Path, name: str) -> dict:
-    """Means over the answered questions (each counted once, the latest record kept) of what the pruner did."""
+def _latest_records(stats_dir: Path, name: str) -> list[dict]:
+    """This benchmark's statistics rows of every rank, each question counted once (its latest record)."""
     rows = {}
     for path in sorted(stats_dir.glob(f"{name}.rank*.jsonl")):
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 rows[record["key"]] = record
-    if not rows:
+    return list(rows.values())
+
+
+def pruning_statistics(records: list[dict]) -> dict:
+    """Means over the answered questions of what the pruner did; on the tiny world also the share of each
+    question's relevant visual tokens kept, at the last LLM layer and averaged over layers."""
+    if not records:
         return {}
-    records = list(rows.values())
     layers = np.array([r["layer_visual_tokens"] for r in records], dtype=np.float64)
     mean = lambda key: float(np.mean([r[key] for r in records]))  # noqa: E731
-    return {
+    statistics = {
         "questions_timed": len(records),
         "visual_tokens_input": mean("n_visual"),
         "visual_tokens_per_layer": layers.mean(0).tolist(),
@@ -86,6 +91,46 @@ def pruning_statistics(stats_dir: Path, name: str) -> dict:
         "pruner_seconds_per_sample": mean("pruner_seconds"),
         "generate_seconds_per_sample": mean("generate_seconds"),
     }
+    kept = [r["relevant_kept"] for r in records if r.get("relevant_kept")]
+    if kept:
+        statistics["relevant_kept_last_layer"] = float(np.mean([k[-1] for k in kept]))
+        statistics["relevant_kept_mean_over_layers"] = float(np.mean([np.mean(k) for k in kept]))
+    return statistics
+
+
+SCORED_FILES = (("_exact_matching_result", "hit"), ("_auxmatch", "score"))  # VLMEvalKit's per-question verdicts
+
+
+def _truth(value) -> float:
+    return float(str(value).strip().lower() in ("1", "1.0", "true"))
+
+
+def question_records(prediction: Path, records: list[dict]) -> list[dict]:
+    """Per question: index, category, prediction, hit (VLMEvalKit's own verdict, where its scorer writes one per
+    question) and the relevant tokens kept per layer — what `covipal.report` pairs across methods."""
+    table = load(str(prediction))
+    verdicts = {}
+    stem = prediction.with_suffix("")
+    for suffix, column in SCORED_FILES:
+        for path in sorted(glob.glob(f"{glob.escape(str(stem))}{suffix}.*")):
+            scored = load(path)
+            if "index" in scored and column in scored:
+                verdicts = {str(i): _truth(v) for i, v in zip(scored["index"], scored[column])}
+    by_index = {str(r["index"]): r for r in records if r.get("index") is not None}
+    rows = []
+    for _, line in table.iterrows():
+        index = str(line["index"])
+        record = by_index.get(index, {})
+        rows.append(
+            {
+                "index": index,
+                "category": None if "category" not in line else str(line["category"]),
+                "prediction": str(line.get("prediction", "")),
+                "hit": verdicts.get(index),
+                "relevant_kept": record.get("relevant_kept"),
+            }
+        )
+    return rows
 
 
 def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, rows: int | None, judge: str):
@@ -121,5 +166,10 @@ def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, ro
         "predictions": str(prediction),
         "scores": table.to_dict(orient="list") if hasattr(table, "to_dict") else table,
     }
-    result.update(pruning_statistics(work_dir / "stats", name))
+    records = _latest_records(work_dir / "stats", name)
+    result.update(pruning_statistics(records))
+    questions = work_dir / "questions" / f"{name}.jsonl"
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    questions.write_text("".join(json.dumps(row) + "\n" for row in question_records(prediction, records)))
+    result["questions_file"] = str(questions.relative_to(work_dir))
     return result
