@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covipal.api import build_model
 from covipal.cli import run_hydra_entry, user_errors
-from covipal.data.conversation import TrainingCollator
+from covipal.data.conversation import TrainingCollator, turn_token_ids
 from covipal.data.mixture import mixture
 from covipal.errors import CovipalError
 from covipal.models.adapters import trainable_parameters
@@ -71,7 +71,10 @@ def build_task(cfg: DictConfig, loaded: LoadedModel):
     if cfg.stage == 1:
         settings = OmegaConf.to_container(cfg.stage1, resolve=True)
         lr, init = settings.pop("lr"), settings.pop("init")
-        return Stage1Task(loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings)), lr
+        turn_ids = turn_token_ids(loaded.processor.tokenizer)
+        return Stage1Task(
+            loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings), turn_ids=turn_ids
+        ), lr
     settings = OmegaConf.to_container(cfg.stage2, resolve=True)
     lr, init = settings.pop("lr"), settings.pop("init")
     if init is None:
@@ -109,7 +112,14 @@ def run(cfg: DictConfig) -> Path:
     loaded = build_model(cfg)
     apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))
     dataset = build_data(cfg)
-    collate = TrainingCollator(loaded.processor, cfg.data.max_length, labels=stage in (2, "lora"))
+    # the PPM reads only the first question's prompt: stage 1's rows are that prompt, stage 2 marks it
+    collate = TrainingCollator(
+        loaded.processor,
+        cfg.data.max_length,
+        labels=stage in (2, "lora"),
+        prompt_only=stage == 1,
+        mark_prompt=stage == 2,
+    )
     task, lr = build_task(cfg, loaded)
     loop = LoopConfig(lr=lr, **OmegaConf.to_container(cfg.train, resolve=True))
     log = RunLog(

@@ -19,7 +19,7 @@ from workers.stage1_run import main as run_stage1
 from covipal.training.loop import latest_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "stage1_run.py"
-PINNED_LOSSES = [30.653892517089844, 28.461727142333984]  # fixed seeds, generator 4, tokenizer 2
+PINNED_LOSSES = [0.2290954887866974, 0.11772042512893677]  # fixed seeds, generator 4, tokenizer 2, question rows, max
 
 
 def ppm_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -112,5 +112,6 @@ def test_two_processes_equal_one(tiny_dir, data_cache, tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = out / "final"
-    assert_same_weights(runs[1], runs[2], rtol=1e-4, atol=1e-6)
+    # the all-reduce sums in another order; Adam (lr 5e-2) scales that noise up on weights whose gradient is ~0
+    assert_same_weights(runs[1], runs[2], rtol=1e-4, atol=1e-5)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -59,17 +59,71 @@ def answer_labels(input_ids: torch.Tensor, start_id: int, assistant_id: int, end
 
 
 SKIPPED = "skipped_samples"  # batch key: unreadable samples replaced in this batch (not a model input)
+PROMPT_MASK = "prompt_mask"  # batch key: [B, T] bool, the tokens the PPM may read (not a model input)
+
+
+def turn_token_ids(tokenizer) -> tuple[int, int]:
+    """The chat template's turn start and end tokens (`<|im_start|>`, `<|im_end|>` in the ChatML templates of
+    LLaVA-OneVision and the tiny model)."""
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", tokenizer.eos_token])
+    return start, end
+
+
+def generation_prompt_ids(processor) -> list[int]:
+    """Token ids of the chat template's generation prompt (`<|im_start|>assistant` + its separator): the text
+    that inference appends to a question and after which the first answer begins."""
+    message = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    closed = processor.apply_chat_template(message, tokenize=False)
+    opened = processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    if not opened.startswith(closed) or opened == closed:
+        raise CovipalError("the chat template's generation prompt is not a suffix of a closed user turn")
+    return processor.tokenizer(opened[len(closed) :], add_special_tokens=False)["input_ids"]
+
+
+def prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: list[int]) -> torch.Tensor:
+    """[B, T] bool: each row's real tokens up to and including its first generation prompt `header` — the first
+    question's prompt exactly as inference gives it, before any answer. A row without the header (no answer)
+    is all prompt."""
+    real = attention_mask.bool()
+    length, width = input_ids.shape[1], len(header)
+    if length < width:
+        return real
+    windows = input_ids.unfold(1, width, 1)  # [B, T - width + 1, width]
+    found = (windows == torch.tensor(header, device=input_ids.device)).all(-1)
+    end = torch.where(
+        found.any(1), found.long().argmax(1) + width, torch.full_like(found[:, 0], length, dtype=torch.long)
+    )
+    return real & (torch.arange(length, device=input_ids.device)[None, :] < end[:, None])
 
 
 class TrainingCollator:
-    """Conversations → one left-padded processor batch with answer-only `labels`, truncated to `max_length`."""
+    """Conversations → one left-padded processor batch with answer-only `labels`, truncated to `max_length`.
 
-    def __init__(self, processor, max_length: int | None = 3000, labels: bool = True):
+    What the PPM may read is the prompt of the first question, as inference gives it (DESIGN.md): with
+    `prompt_only` each row *is* that prompt (`<|im_start|>user <image> question <|im_end|> <|im_start|>assistant`,
+    no answer anywhere in the batch: stage 1); with `mark_prompt` rows hold the whole conversation and
+    `batch[PROMPT_MASK]` marks the prompt's tokens (stage 2: the LLM reads the answers, the PPM only the prompt).
+    Every visual input goes with the first question, so all visual tokens are inside the prompt."""
+
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = 3000,
+        labels: bool = True,
+        prompt_only: bool = False,
+        mark_prompt: bool = False,
+    ):
+        if prompt_only and (labels or mark_prompt):
+            raise ValueError("a prompt-only batch has no answers to label or mark")
         self.processor = processor
         self.max_length = max_length
         self.labels = labels
+        self.prompt_only = prompt_only
+        self.mark_prompt = mark_prompt
         tokenizer = processor.tokenizer
-        self._label_ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant", tokenizer.eos_token])
+        start, end = turn_token_ids(tokenizer)
+        self._label_ids = (start, tokenizer.convert_tokens_to_ids("assistant"), end)
+        self._header = generation_prompt_ids(processor) if mark_prompt else None
         self._visual_ids = [
             tokenizer.convert_tokens_to_ids(getattr(processor, name))
             for name in ("image_token", "video_token")
@@ -77,7 +131,13 @@ class TrainingCollator:
         ]
 
     def __call__(self, conversations: list[Conversation]) -> dict:
-        texts = [self.processor.apply_chat_template(c.messages(), tokenize=False) for c in conversations]
+        if self.prompt_only:
+            texts = [
+                self.processor.apply_chat_template(c.messages()[:1], tokenize=False, add_generation_prompt=True)
+                for c in conversations
+            ]
+        else:
+            texts = [self.processor.apply_chat_template(c.messages(), tokenize=False) for c in conversations]
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
         images = [image for c in conversations for image in c.images]
         videos = [c.video for c in conversations if c.video is not None]
@@ -91,6 +151,16 @@ class TrainingCollator:
             batch["labels"] = answer_labels(batch["input_ids"], *self._label_ids)
         if self.max_length is not None and batch["attention_mask"].sum(1).max() > self.max_length:
             batch = self._truncate(batch, conversations)
+        if self.mark_prompt:
+            batch[PROMPT_MASK] = prompt_mask(batch["input_ids"], batch["attention_mask"], self._header)
+            visual = torch.isin(batch["input_ids"], torch.tensor(self._visual_ids)) & batch["attention_mask"].bool()
+            outside = (visual & ~batch[PROMPT_MASK]).any(1)
+            if bool(outside.any()):
+                row = int(outside.nonzero()[0])
+                raise CovipalError(
+                    f"sample {conversations[row].id or row}: visual tokens after its first answer; every image or "
+                    "video must go with the first question"
+                )
         return batch
 
     def _truncate(self, batch: dict, conversations: list[Conversation]) -> dict:

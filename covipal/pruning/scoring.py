@@ -66,10 +66,14 @@ def attention_received(
     key_mask: torch.Tensor,
     query_mask: torch.Tensor,
     chunk: int = 256,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """Attention each key receives [B, T] (float32), summed over heads and over the query rows in `query_mask`.
+    """Attention each key receives [B, T] (float32) from the query rows in `query_mask`: summed over heads and
+    rows (`reduce="sum"`), or the most any one head of any one row pays it (`reduce="max"`).
 
     Rows are processed `chunk` at a time, so memory stays at [B, H, chunk, T] whatever the sequence length."""
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce={reduce!r}: use sum or max")
     scorer = _LayerAttention(layer, hidden_states, position_embeddings, key_mask)
     batch, length = key_mask.shape
     total = torch.zeros(batch, length, dtype=torch.float32, device=key_mask.device)
@@ -80,7 +84,10 @@ def attention_received(
             continue
         index = torch.arange(start, start + rows.shape[1], device=key_mask.device).expand(batch, -1)
         probabilities = scorer.probabilities(index)  # [B, H, c, T]
-        total += torch.einsum("bhqt,bq->bt", probabilities, rows)
+        if reduce == "sum":
+            total += torch.einsum("bhqt,bq->bt", probabilities, rows)
+        else:
+            total = torch.maximum(total, (probabilities * rows[:, None, :, None]).amax(dim=(1, 2)))
     return total
 
 

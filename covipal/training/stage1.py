@@ -12,12 +12,14 @@ from torch import nn
 
 from covipal.models.ppm import PPMClassifier
 from covipal.training.guidance import GuidanceProbe
+from covipal.training.label_quality import top_overlap
 
 
 @dataclass
 class Stage1Settings:
     guidance_layer: int = 16  # 0-based index of the decoder layer whose attention gives the labels
-    query_rows: str = "literal"  # literal (Eq. 3: the last n_v rows) | text_after_visual | last
+    query_rows: str = "question"  # question | literal (Eq. 3) | text_after_visual | last_prompt | last (guidance.py)
+    reduce: str = "max"  # over heads and query rows: max (the most any head of any row pays) | sum (Eq. 3)
     normalize_labels: bool = False  # False = raw sums, as in the paper
     chunk: int = 256  # query rows per attention block when computing labels
     reserve_ratio: float = 0.25  # only for the top-r recall metric
@@ -37,29 +39,36 @@ def drop_layers_after(model: nn.Module, layer: int) -> None:
 
 def topk_recall(scores: torch.Tensor, labels: torch.Tensor, visual: torch.Tensor, ratio: float) -> float:
     """Share of the label's top floor(r·n_v) visual tokens that the scores also put in their top floor(r·n_v)."""
-    recalls = []
-    for row in range(scores.shape[0]):
-        s, y = scores[row][visual[row]], labels[row][visual[row]]
-        k = max(1, int(ratio * len(s)))
-        if len(s) == 0:
-            continue
-        top_s = set(s.topk(k).indices.tolist())
-        top_y = set(y.topk(k).indices.tolist())
-        recalls.append(len(top_s & top_y) / k)
+    recalls = [
+        top_overlap(scores[row][visual[row]], labels[row][visual[row]], ratio)
+        for row in range(scores.shape[0])
+        if visual[row].any()
+    ]
     return sum(recalls) / max(1, len(recalls))
 
 
 class Stage1Task:
     """The loop's task for stage 1: `trainable` is the PPM."""
 
-    def __init__(self, model: nn.Module, ppm: PPMClassifier, settings: Stage1Settings, free_unused: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        ppm: PPMClassifier,
+        settings: Stage1Settings,
+        free_unused: bool = True,
+        turn_ids: tuple[int, int] | None = None,
+    ):
+        """Batches are prompts only (`TrainingCollator(prompt_only=True)`): neither the labels nor the PPM ever
+        see an answer. `turn_ids`: the chat template's turn start/end tokens (the `question` and `last_prompt`
+        rows need them)."""
         self.model = freeze(model)
         self.settings = settings
+        s = settings
+        self.probe = GuidanceProbe(
+            self.model, s.guidance_layer, s.query_rows, s.normalize_labels, s.chunk, turn_ids=turn_ids, reduce=s.reduce
+        )
         if free_unused:
             drop_layers_after(self.model, settings.guidance_layer)
-        self.probe = GuidanceProbe(
-            self.model, settings.guidance_layer, settings.query_rows, settings.normalize_labels, settings.chunk
-        )
         self.trainable = ppm
 
     def to(self, device) -> None:

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration  # noqa: E402
 
-from covipal.data.conversation import TrainingCollator  # noqa: E402
+from covipal.data.conversation import TrainingCollator, turn_token_ids  # noqa: E402
 from covipal.data.mixture import mixture, tiny_world_images, tiny_world_videos  # noqa: E402
 from covipal.models.ppm import PPMClassifier, PPMConfig  # noqa: E402
 from covipal.training.loop import LoopConfig, train  # noqa: E402
@@ -34,7 +34,8 @@ def main(tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, r
     data = mixture({"images": tiny_world_images(12, cache_dir=cache), "videos": tiny_world_videos(4, cache_dir=cache)})
     torch.manual_seed(0)
     ppm = PPMClassifier(PPMConfig(input_size=model.config.text_config.hidden_size, **PPM))
-    task = Stage1Task(model, ppm, Stage1Settings(guidance_layer=3, chunk=64), free_unused=free)
+    settings = Stage1Settings(guidance_layer=3, chunk=64)
+    task = Stage1Task(model, ppm, settings, free_unused=free, turn_ids=turn_token_ids(processor.tokenizer))
     config = LoopConfig(
         lr=5e-2, batch_size=4, grad_accum=grad_accum, max_steps=max_steps, save_every=1, progress=False, epochs=1
     )
@@ -43,7 +44,7 @@ def main(tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, r
         if crash_after is not None and step == crash_after:
             raise Crash(step)
 
-    collate = TrainingCollator(processor, 3000, labels=False)
+    collate = TrainingCollator(processor, 3000, labels=False, prompt_only=True)
     return train(task, data, collate, config, output, resume=resume, on_step=on_step)
 
 
