@@ -5,6 +5,8 @@ A trainer is a task object with three members:
                            parameters with `requires_grad` go to the optimiser
     loss(trainable, batch) -> (loss tensor, {metric: float})
     save(trainable, dir)   writes the artifact users load (PPM safetensors, LoRA adapters)
+and optionally `progress`, which the loop sets to the share of optimiser steps done before each batch (for
+schedules inside the loss, e.g. stage 2's temperature).
 Everything else is here: accelerate (one process, DDP, FSDP/DeepSpeed through an accelerate config file),
 gradient accumulation, AdamW with a cosine schedule, bf16 autocast on CUDA, checkpoints with optimiser and
 scheduler state written atomically every `save_every` steps, `resume`, a tqdm bar, wandb and a local metrics file.
@@ -182,6 +184,8 @@ def train(
         micro = 0
         for batch in batches:
             skipped += int(batch.pop(SKIPPED, 0))
+            if hasattr(task, "progress"):
+                task.progress = step / total
             with accelerator.accumulate(trainable):
                 with accelerator.autocast():
                     loss, metrics = task.loss(trainable, batch)
