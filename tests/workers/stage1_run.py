@@ -1,6 +1,6 @@
 """Run a short stage-1 training on the test model (launched by tests, alone or under torchrun).
 
-usage: stage1_run.py TINY_DIR DATA_CACHE OUTPUT_DIR [max_steps] [grad_accum] [crash_after_step]"""
+usage: stage1_run.py TINY_DIR DATA_CACHE OUTPUT_DIR [max_steps] [grad_accum] [lr]"""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class Crash(Exception):
     pass
 
 
-def main(tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, resume=None, model=None, free=True):
+def main(
+    tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, resume=None, model=None, free=True, lr=5e-2
+):
     if model is None:
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(tiny_dir)
@@ -37,7 +39,7 @@ def main(tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, r
     settings = Stage1Settings(guidance_layer=3, chunk=64)
     task = Stage1Task(model, ppm, settings, free_unused=free, turn_ids=turn_token_ids(processor.tokenizer))
     config = LoopConfig(
-        lr=5e-2, batch_size=4, grad_accum=grad_accum, max_steps=max_steps, save_every=1, progress=False, epochs=1
+        lr=lr, batch_size=4, grad_accum=grad_accum, max_steps=max_steps, save_every=1, progress=False, epochs=1
     )
 
     def on_step(step, metrics):
@@ -50,4 +52,4 @@ def main(tiny_dir, cache, output, max_steps=4, grad_accum=1, crash_after=None, r
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[0], args[1], args[2], *(int(a) for a in args[3:5]))
+    main(args[0], args[1], args[2], *(int(a) for a in args[3:5]), lr=float(args[5]) if len(args) > 5 else 5e-2)
