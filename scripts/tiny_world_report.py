@@ -1,5 +1,6 @@
 """Accuracy of the tiny model on every tiny-world benchmark, unpruned, with random pruning at r = 0.5 and 0.25,
-and with the ground-truth oracle at 0.25 (the closing figures of the tiny-world issue).
+and with the ground-truth oracle at 0.25, per benchmark and per question kind (the README's tiny-world status;
+the tables are printed and written next to the JSON as .md).
 
     python scripts/tiny_world_report.py                       # 2,000 questions per benchmark
     python scripts/tiny_world_report.py --questions 500 model.pretrain.steps=300
@@ -27,6 +28,31 @@ SETTINGS = {
 }
 
 
+def markdown_tables(results: dict) -> str:
+    """Two markdown tables: accuracy per benchmark, then per benchmark and question kind, each setting a column
+    and oracle / none last."""
+    header = "| benchmark | " + " | ".join(SETTINGS) + " | oracle / none |"
+    lines = [header, "|" + "---|" * (len(SETTINGS) + 2)]
+    for name in BENCHMARKS:
+        cells = [100 * results[f"{name} | {s}"]["accuracy"] for s in SETTINGS]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {ratio(cells[-1], cells[0])} |")
+    lines += [
+        "",
+        "| benchmark | kind | " + " | ".join(SETTINGS) + " | oracle / none |",
+        "|" + "---|" * (len(SETTINGS) + 3),
+    ]
+    for name in BENCHMARKS:
+        for kind in results[f"{name} | none"]["by_type"]:
+            cells = [100 * results[f"{name} | {s}"]["by_type"][kind] for s in SETTINGS]
+            row = " | ".join(f"{c:.1f}" for c in cells)
+            lines.append(f"| {name} | {kind} | {row} | {ratio(cells[-1], cells[0])} |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio(oracle: float, none: float) -> str:
+    return f"{oracle / none:.2f}" if none else "–"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=2000)
@@ -41,14 +67,13 @@ def main() -> None:
     for name in BENCHMARKS:
         for setting, make in SETTINGS.items():
             results[f"{name} | {setting}"] = benchmark_accuracy(loaded, make(), name, args.questions, progress=True)
-    header = "| benchmark | " + " | ".join(SETTINGS) + " |"
-    print(header + "\n|" + "---|" * (len(SETTINGS) + 1))
-    for name in BENCHMARKS:
-        cells = [f"{100 * results[f'{name} | {s}']['accuracy']:.1f}" for s in SETTINGS]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    table = markdown_tables(results)
+    print(table)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2))
-    print(f"details (per question type, achieved r) in {args.output}")
+    tables = Path(args.output).with_suffix(".md")
+    tables.write_text(table)
+    print(f"details (per question type, achieved r) in {args.output}, the tables in {tables}")
 
 
 if __name__ == "__main__":

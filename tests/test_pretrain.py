@@ -16,7 +16,15 @@ from covipal.evaluation.tiny_world import accuracy
 from covipal.models.tiny import TinySpec, build_tiny
 from covipal.pruning.none import NoPruner
 from covipal.pruning.random import RandomPruner
-from covipal.training.pretrain import PretrainRecipe, batches, pretrain, training_batch
+from covipal.training.pretrain import (
+    PretrainRecipe,
+    batches,
+    focus_objects,
+    keep_ratios,
+    kept_objects,
+    pretrain,
+    training_batch,
+)
 from covipal.training.tiny_base import load_tiny, tiny_base_checkpoint
 
 # The tiny world's geometry (128-px images -> 336 visual tokens) at a width small enough for fast tests.
@@ -55,8 +63,11 @@ def test_labels_cover_exactly_the_answers(tmp_path):
 
 
 def test_short_pretraining_lowers_the_loss_and_is_deterministic(tmp_path):
-    default_terms = dict(  # the tiny default's terms (configs/model/tiny.yaml), on images and videos
-        answer_probe=True, count_sink=True, kind_heads={"attribute_at_location": [0, 1], "counting": [2, 3]}
+    default_terms = dict(  # the tiny default's terms and focus phases (configs/model/tiny.yaml), on images and videos
+        answer_probe=True,
+        count_sink=True,
+        kind_heads={"attribute_at_location": [0, 1], "counting": [2, 3]},
+        focus=[[0.0, 0.03], [0.5, [0.25, 1.0], "questions"]],
     )
     recipe = PretrainRecipe(steps=30, batch_size=4, lr=2e-3, warmup=5, turns=2, video_fraction=0.25, **default_terms)
     model, processor = small_model(tmp_path, "a")
@@ -130,6 +141,26 @@ def test_kind_phases_train_each_phase_on_its_kinds_and_bad_kinds_are_refused(tmp
         ({"kind_phases": [[0.0, ["counting"]], [0.5, []]]}, r"pretrain.kind_phases\[1\]=\[\]"),
         ({"kind_phases": [[0.2, ["counting"]]]}, "first phase must start at 0.0"),
         ({"key_word_kinds": ["colour"]}, r"pretrain.key_word_kinds=\['colour'\] names unknown question kinds"),
+        ({"focus": [[0.0, [0.25, 1.5]]]}, r"pretrain.focus\[0\]=\[0.0, \[0.25, 1.5\]\] is not"),
+        ({"focus": [[0.0, 0.25, "all"]]}, r"pretrain.focus\[0\]=.* optionally scene\|questions"),
     ):
         with pytest.raises(CovipalError, match=match):
             pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, **bad), progress=False)
+
+
+def test_focus_phases_draw_a_keep_ratio_per_sample_and_can_drop_the_objects_no_question_is_about():
+    recipe = PretrainRecipe(steps=10, focus=[[0.0, 0.03], [0.5, [0.25, 1.0], "questions"]])
+    assert keep_ratios(recipe, 0, 4) == [0.03] * 4 and focus_objects(recipe, 4) == "scene"
+    drawn = [keep_ratios(recipe, step, 16) for step in range(5, 10)]
+    assert drawn == [keep_ratios(recipe, step, 16) for step in range(5, 10)]  # seeded
+    assert {r for row in drawn for r in row} == {0.25, 1.0} and focus_objects(recipe, 5) == "questions"
+    rng = np.random.default_rng(0)
+    samples = [image_sample(rng, "short", kinds=("counting", "location_of_attribute"), turns=3) for _ in range(8)]
+    for sample, scene, asked in zip(samples, kept_objects(samples, "scene"), kept_objects(samples, "questions")):
+        assert np.array_equal(scene, sample.meta["scene_relevance"])
+        assert np.array_equal(asked, np.logical_or.reduce(sample.meta["turn_relevance"]))
+        assert not (asked & ~scene).any()
+    assert any(
+        (scene & ~asked).any()
+        for scene, asked in zip(kept_objects(samples, "scene"), kept_objects(samples, "questions"))
+    )

@@ -67,3 +67,13 @@ def test_focus_pruner_keeps_every_relevant_token_plus_a_share(sdpa_model, proces
         assert keep[row, positions[torch.as_tensor(marks)]].all()
         others = int(keep[row, positions[~torch.as_tensor(marks)]].sum())
         assert 0 <= others <= max(3, 0.2 * int((~torch.as_tensor(marks)).sum()))
+
+
+def test_focus_pruner_takes_one_keep_ratio_per_sample(sdpa_model, processor):
+    inputs = make_image_batch(processor)
+    relevance = [np.arange(len(marks)) < 5 for marks in relevance_for(sdpa_model, inputs)]
+    keep, _ = kept_visual(sdpa_model, inputs, FocusPruner([0.05, 1.0], seed=0), relevance)
+    visual = visual_mask(sdpa_model, inputs["input_ids"]) & inputs["attention_mask"].bool()
+    assert keep[1, visual[1]].all()  # ratio 1: every visual token
+    first = visual[0].nonzero().squeeze(1)
+    assert keep[0, first[:5]].all() and int(keep[0, first[5:]].sum()) <= max(3, 0.2 * (len(first) - 5))

@@ -19,7 +19,7 @@ from workers.stage1_run import main as run_stage1
 from covipal.training.loop import latest_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "stage1_run.py"
-PINNED_LOSSES = [0.2290954887866974, 0.11772042512893677]  # fixed seeds, generator 4, tokenizer 2, question rows, max
+PINNED_LOSSES = [0.22535142302513123, 0.11231263726949692]  # fixed seeds, generator 5, tokenizer 2, question rows, max
 
 
 def ppm_weights(directory: Path) -> dict[str, torch.Tensor]:

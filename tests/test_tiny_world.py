@@ -19,8 +19,10 @@ from covipal.data.synthetic import (
     NUMBERS,
     Scene,
     SceneObject,
+    image_question,
     image_token_anchors,
     image_token_relevance,
+    random_scene,
 )
 from covipal.data.tiny_world import image_sample, video_sample
 from covipal.models.tiny import TinySpec, tiny_processor
@@ -104,6 +106,20 @@ def test_counting_counts_the_objects_of_a_colour_and_every_turn_has_its_anchors(
         colour = sample.question.split()[2]
         assert sample.question.startswith(f"how many {colour} objects are there?") and colour in COLOURS
         assert NUMBERS.index(sample.answer) == sample.meta["turn_anchors"][0].sum() >= 1
+
+
+def test_existence_asks_whether_an_object_of_a_colour_is_there():
+    rng = np.random.default_rng(3)
+    answers = []
+    for _ in range(200):
+        scene = random_scene(rng)
+        question = image_question(rng, scene, "existence")
+        colour = question.question.split()[3]
+        assert question.question == f"is there a {colour} object?" and colour in COLOURS
+        assert question.about == [i for i, o in enumerate(scene.objects) if o.colour == colour]
+        assert question.answer == ("yes" if question.about else "no")
+        answers.append(question.answer)
+    assert 0.5 < answers.count("yes") / len(answers) < 0.65  # "no" needs a colour the scene lacks
 
 
 def test_export_writes_every_layout(tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when what the generator produces changes: cached training splits and pretrained tiny models are keyed by it.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -50,7 +50,7 @@ VIDEO_OBJECT = 12
 
 IMAGE_QUESTION_TYPES = ("attribute_at_location", "location_of_attribute", "counting", "existence", "comparison")
 VIDEO_QUESTION_TYPES = ("first_to_appear", "when_appears", "moving_object")
-YES_NO_TYPES = ("existence", "comparison")
+YES_NO_TYPES = ("existence",)  # comparison is never learned (chance): not benchmarked
 CHOICE_TYPES = ("attribute_at_location", "location_of_attribute", "counting")  # answers among four options
 MCQ_PROMPT = "answer with the letter of the correct option."
 SHORT_PROMPT = "answer with a single word or phrase."
@@ -211,19 +211,12 @@ def image_question(rng: np.random.Generator, scene: Scene, kind: str) -> Questio
         answer = NUMBERS[len(about)]
         q = f"how many {colour} objects are there?"
         return Question(kind, q, answer, _options(rng, answer, NUMBERS[1:5]), about)
-    if kind == "existence":
-        if rng.random() < 0.5:
-            i = int(rng.integers(len(objs)))
-            colour, shape = objs[i].colour, objs[i].shape
-        else:  # a combination absent from the scene, built from attributes that are present
-            absent = [(c, s) for c in set(present_colours) for s in set(present_shapes)]
-            absent = [(c, s) for c, s in sorted(absent) if not any(o.colour == c and o.shape == s for o in objs)]
-            if not absent:
-                return None
-            colour, shape = absent[int(rng.integers(len(absent)))]
-        about = [i for i, o in enumerate(objs) if o.colour == colour or o.shape == shape]
-        answer = "yes" if any(o.colour == colour and o.shape == shape for o in objs) else "no"
-        return Question(kind, f"is there a {colour} {shape}?", answer, ["yes", "no"], about)
+    if kind == "existence":  # whether an object of a colour is there (POPE's question, with colours for categories)
+        absent = [c for c in COLOURS if c not in present_colours]
+        colour = str(rng.choice(present_colours if rng.random() < 0.5 or not absent else absent))
+        about = [i for i, o in enumerate(objs) if o.colour == colour]
+        answer = "yes" if about else "no"
+        return Question(kind, f"is there a {colour} object?", answer, ["yes", "no"], about)
     if kind == "comparison":
         unique = _unique(objs, lambda o: o.colour)
         pairs = [(i, j) for i in unique for j in unique if i != j and objs[i].large != objs[j].large]

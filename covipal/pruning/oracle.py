@@ -50,12 +50,14 @@ class OraclePruner:
 
 
 class FocusPruner:
-    """For training only: every relevant token plus a random `keep_ratio` share of the others (no fixed budget)."""
+    """For training only: every relevant token plus a random `keep_ratio` share of the others (no fixed budget).
+    `keep_ratio` may be a list with one ratio per sample of the batch."""
 
     drop_layers = (0,)
 
-    def __init__(self, keep_ratio: float, seed: int = 0):
-        self.reserve_ratio = check_ratio(keep_ratio, "keep_ratio")
+    def __init__(self, keep_ratio: float | list[float], seed: int = 0):
+        ratios = keep_ratio if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]
+        self.reserve_ratio = [check_ratio(r, "keep_ratio") for r in ratios]
         self.generator = torch.Generator().manual_seed(seed)
 
     def setup(self, model) -> None:
@@ -63,4 +65,5 @@ class FocusPruner:
 
     def select(self, context: LayerContext) -> torch.Tensor:
         chance = torch.rand(context.visual.shape, generator=self.generator).to(context.visual.device)
-        return relevance_mask(context) | (chance < self.reserve_ratio)
+        ratio = torch.tensor(self.reserve_ratio, dtype=chance.dtype, device=chance.device)
+        return relevance_mask(context) | (chance < ratio[:, None])

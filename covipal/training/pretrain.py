@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -41,7 +42,11 @@ class PretrainRecipe:
     curriculum: list = field(default_factory=lambda: [[0.0, 1, 2], [0.2, 2, 3], [0.4, 3, 5], [0.6, 4, 7]])
     # (fraction of steps from which it applies, visual keep ratio): early steps see the objects' tokens and only a
     # few background tokens (token dropout through the oracle pruner), so grounding is learned without hundreds of
-    # distracting tokens diluting the gradient; the last phase trains on the full input.
+    # distracting tokens diluting the gradient; the last phase trains on the full input. A keep ratio may be a list:
+    # each sample of a batch then draws one of them (seeded), so one phase mixes inputs with and without background.
+    # An optional third entry says which objects' tokens are always kept: "scene" (every object, the default) or
+    # "questions" (the objects the conversation's questions are about; the others drop like background, as under
+    # the oracle pruner, so counting does not learn to lean on objects it does not count).
     focus: list = field(default_factory=lambda: [[0.0, 0.03], [0.6, 0.25], [0.8, 1.0]])
     # attention supervision (covipal/training/grounding.py): weight of its three terms, and the decoder layer l at
     # which each question row looks at its objects' tokens (key words at l-1, answer rows recall it at l+1)
@@ -105,9 +110,34 @@ def _kinds_at(recipe: PretrainRecipe, step: int) -> tuple | None:
     return None if kinds is None else tuple(kinds)
 
 
+def focus_objects(recipe: PretrainRecipe, step: int) -> str:
+    """Which objects the focus phase of `step` always keeps: "scene" or "questions" (see `PretrainRecipe.focus`)."""
+    row = _phase(recipe.focus, recipe.steps, step)
+    return str(row[2]) if len(row) > 2 else "scene"
+
+
+def kept_objects(samples: list[Sample], which: str) -> list:
+    """Per sample, the bool mask over its visual tokens that the focus dropout always keeps: every object of the
+    scene, or the union of its turns' relevant tokens."""
+    if which == "scene":
+        return [s.meta["scene_relevance"] for s in samples]
+    return [np.logical_or.reduce(s.meta.get("turn_relevance", [s.relevance])) for s in samples]
+
+
+def keep_ratios(recipe: PretrainRecipe, step: int, batch: int) -> list[float]:
+    """The visual keep ratio of each sample of `step`'s batch: the focus phase's ratio, or when the phase lists
+    several, one drawn per sample (seeded by the recipe's seed and the step)."""
+    keep = _phase(recipe.focus, recipe.steps, step)[1]
+    if not isinstance(keep, (list, tuple)):
+        return [float(keep)] * batch
+    generator = torch.Generator().manual_seed(recipe.seed * 1_000_033 + step)
+    picks = torch.randint(len(keep), (batch,), generator=generator).tolist()
+    return [float(keep[i]) for i in picks]
+
+
 def check_recipe(recipe: PretrainRecipe) -> None:
     """Refuse, in one line, an unknown question kind in `kinds` / `kind_phases` / `key_word_kinds` / `kind_heads`,
-    phases that start after 0, or both counting terms at once."""
+    phases that start after 0, both counting terms at once, or a malformed `focus` row."""
     lists = [("kinds", recipe.kinds)] + [
         (f"kind_phases[{i}]", row[1]) for i, row in enumerate(recipe.kind_phases or [])
     ]
@@ -135,6 +165,16 @@ def check_recipe(recipe: PretrainRecipe) -> None:
             "pretrain.count_sink and pretrain.count_spread are both true; they set the same counting term, "
             "so set one of them to false"
         )
+    for index, row in enumerate(recipe.focus):
+        ratios = row[1] if isinstance(row[1], (list, tuple)) else [row[1]]
+        bad_ratio = not ratios or any(
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1 for r in ratios
+        )
+        if len(row) not in (2, 3) or bad_ratio or (len(row) == 3 and row[2] not in ("scene", "questions")):
+            raise CovipalError(
+                f"pretrain.focus[{index}]={list(row)} is not [from fraction, keep ratio in (0, 1] or a list of them, "
+                f"optionally scene|questions]; e.g. [0.65, [0.25, 1.0], questions]"
+            )
     if recipe.kind_phases and recipe.kind_phases[0][0] != 0:
         raise CovipalError(
             f"pretrain.kind_phases starts at {recipe.kind_phases[0][0]}; its first phase must start at 0.0"
@@ -231,11 +271,19 @@ def short_answer_ids(samples: list[Sample], tokenizer, turns: int) -> torch.Tens
 
 
 def pretraining_loss(
-    model, batch: dict, samples: list[Sample], keep_ratio: float, recipe: PretrainRecipe, ids: dict, seed: int = 0
+    model,
+    batch: dict,
+    samples: list[Sample],
+    keep_ratio: float | list[float],
+    recipe: PretrainRecipe,
+    ids: dict,
+    seed: int = 0,
+    focus_on: str = "scene",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer cross-entropy, sum of the grounding terms) with only the scene's object tokens plus a random
-    `keep_ratio` share of the other visual tokens (token dropout through the pruning session; 1 = the full input).
-    `ids`: `grounding_token_ids(tokenizer)`."""
+    """(answer cross-entropy, sum of the grounding terms) with only the kept objects' tokens plus a random
+    `keep_ratio` share of the other visual tokens (token dropout through the pruning session; 1 = the full input;
+    a list: one ratio per sample; `focus_on`: which objects are always kept, `kept_objects`). `ids`:
+    `grounding_token_ids(tokenizer)`."""
     labels = batch.pop("labels")
     config = model.config
     input_ids = batch["input_ids"]
@@ -245,9 +293,9 @@ def pretraining_loss(
         layers = (layer - 1, layer, layer + 1) if recipe.grounding_weight else ()
         captures = tuple(stack.enter_context(LayerInputCapture(model, index)) for index in layers)
         session = None
-        if keep_ratio < 1.0:
+        if min(keep_ratio if isinstance(keep_ratio, (list, tuple)) else [keep_ratio]) < 1.0:
             session = stack.enter_context(PruningSession(model, FocusPruner(keep_ratio, seed)))
-            session.extras = {"relevance": [s.meta["scene_relevance"] for s in samples]}
+            session.extras = {"relevance": kept_objects(samples, focus_on)}
         logits = model(**batch).logits
     kept = session.record.kept if session is not None else None
     grounding = logits.new_zeros(())
@@ -341,10 +389,10 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
     average = None
     device = next(model.parameters()).device
     for step, (batch, samples) in enumerate(bar):
-        keep_ratio = float(_phase(recipe.focus, recipe.steps, step)[1])
+        ratios = keep_ratios(recipe, step, len(samples))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
             answer, grounding = pretraining_loss(
-                model, batch, samples, keep_ratio, recipe, ids, seed=recipe.seed * 1_000_003 + step
+                model, batch, samples, ratios, recipe, ids, recipe.seed * 1_000_003 + step, focus_objects(recipe, step)
             )
             loss = answer + recipe.grounding_weight * grounding
         loss.backward()
@@ -363,7 +411,7 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
                 "loss": value,
                 "grounding": ground,
                 "lr": scheduler.get_last_lr()[0],
-                "keep": keep_ratio,
+                "keep": sum(ratios) / len(ratios),
                 "seconds": seconds,
             }
         )
