@@ -143,6 +143,7 @@ def test_kind_phases_train_each_phase_on_its_kinds_and_bad_kinds_are_refused(tmp
         ({"key_word_kinds": ["colour"]}, r"pretrain.key_word_kinds=\['colour'\] names unknown question kinds"),
         ({"focus": [[0.0, [0.25, 1.5]]]}, r"pretrain.focus\[0\]=\[0.0, \[0.25, 1.5\]\] is not"),
         ({"focus": [[0.0, 0.25, "all"]]}, r"pretrain.focus\[0\]=.* optionally scene\|questions"),
+        ({"focus_draw": "step"}, r"pretrain.focus_draw='step' is not one of sample, batch"),
     ):
         with pytest.raises(CovipalError, match=match):
             pretrain(model, processor, PretrainRecipe(steps=1, batch_size=1, **bad), progress=False)
@@ -154,6 +155,9 @@ def test_focus_phases_draw_a_keep_ratio_per_sample_and_can_drop_the_objects_no_q
     drawn = [keep_ratios(recipe, step, 16) for step in range(5, 10)]
     assert drawn == [keep_ratios(recipe, step, 16) for step in range(5, 10)]  # seeded
     assert {r for row in drawn for r in row} == {0.25, 1.0} and focus_objects(recipe, 5) == "questions"
+    per_batch = PretrainRecipe(steps=10, focus=recipe.focus, focus_draw="batch")
+    drawn = [keep_ratios(per_batch, step, 16) for step in range(5, 10)]
+    assert all(len(set(row)) == 1 and len(row) == 16 for row in drawn) and {row[0] for row in drawn} == {0.25, 1.0}
     rng = np.random.default_rng(0)
     samples = [image_sample(rng, "short", kinds=("counting", "location_of_attribute"), turns=3) for _ in range(8)]
     for sample, scene, asked in zip(samples, kept_objects(samples, "scene"), kept_objects(samples, "questions")):

@@ -48,6 +48,9 @@ class PretrainRecipe:
     # "questions" (the objects the conversation's questions are about; the others drop like background, as under
     # the oracle pruner, so counting does not learn to lean on objects it does not count).
     focus: list = field(default_factory=lambda: [[0.0, 0.03], [0.6, 0.25], [0.8, 1.0]])
+    # where a focus phase lists several keep ratios: "sample" draws one per sample, "batch" one per batch (a batch
+    # that mixes full and dropped inputs is padded to the full length, so per batch halves the mixed phase's cost)
+    focus_draw: str = "sample"
     # attention supervision (covipal/training/grounding.py): weight of its three terms, and the decoder layer l at
     # which each question row looks at its objects' tokens (key words at l-1, answer rows recall it at l+1)
     grounding_weight: float = 1.0
@@ -131,7 +134,8 @@ def keep_ratios(recipe: PretrainRecipe, step: int, batch: int) -> list[float]:
     if not isinstance(keep, (list, tuple)):
         return [float(keep)] * batch
     generator = torch.Generator().manual_seed(recipe.seed * 1_000_033 + step)
-    picks = torch.randint(len(keep), (batch,), generator=generator).tolist()
+    picks = torch.randint(len(keep), (batch if recipe.focus_draw == "sample" else 1,), generator=generator).tolist()
+    picks = picks * (batch // len(picks))
     return [float(keep[i]) for i in picks]
 
 
@@ -165,6 +169,8 @@ def check_recipe(recipe: PretrainRecipe) -> None:
             "pretrain.count_sink and pretrain.count_spread are both true; they set the same counting term, "
             "so set one of them to false"
         )
+    if recipe.focus_draw not in ("sample", "batch"):
+        raise CovipalError(f"pretrain.focus_draw={recipe.focus_draw!r} is not one of sample, batch")
     for index, row in enumerate(recipe.focus):
         ratios = row[1] if isinstance(row[1], (list, tuple)) else [row[1]]
         bad_ratio = not ratios or any(
