@@ -48,7 +48,7 @@ for phase in $PHASES; do
   paper)  # Eq. 3 as written (literal rows, sum) and the paper's P = σ(S), then the same labels with our stage 2;
           # the other modes' sum labels through stage 1 (seed 0)
     stage1 literal_sum stage1.query_rows=literal stage1.reduce=sum
-    stage2 literal_sum_sigmoid literal_sum stage2.retention=sigmoid
+    stage2 literal_sum_sigmoid literal_sum stage2.retention=sigmoid stage2.k=0.01
     stage2 literal_sum literal_sum
     evaluate literal_sum_stage1 "$RUN/train/literal_sum/stage1" 0.5,0.25
     evaluate literal_sum_sigmoid_stage2 "$RUN/train/literal_sum_sigmoid/stage2" 0.5,0.25
@@ -59,8 +59,8 @@ for phase in $PHASES; do
     done ;;
   ablations)  # stage 2 from the best mode's stage 1: k, the paper's P = σ(S), the old learning rate, no τ schedule;
               # and stage 2 from an untrained PPM
-    variants=("k0.1 stage2.k=0.1" "k0.0001 stage2.k=0.0001" "sigmoid stage2.retention=sigmoid"
-              "sigmoid_lr1e-3 stage2.retention=sigmoid stage2.lr=1e-3" "lr1e-3 stage2.lr=1e-3"
+    variants=("k0.01 stage2.k=0.01" "k0.1 stage2.k=0.1" "sigmoid stage2.retention=sigmoid stage2.k=0.01"
+              "sigmoid_lr1e-3 stage2.retention=sigmoid stage2.k=0.01 stage2.lr=1e-3" "lr1e-3 stage2.lr=1e-3"
               "constant_tau stage2.final_temperature=null")
     for variant in "${variants[@]}"; do
       read -r name overrides <<< "$variant"

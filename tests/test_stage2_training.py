@@ -117,6 +117,19 @@ def test_only_the_ppm_gets_gradients_and_loss_is_pinned(tiny_dir, processor):
     assert 0 < metrics["p_mean"] < 1 and metrics["ce"] > 0
 
 
+def test_the_default_loss_is_the_cross_entropy(tiny_dir, processor):
+    """Default k = 0: the regulariser is logged but not trained on (under the budget retention it scrambled the
+    stage-1 ranking, docs/covipal_probes.md); k = 0.01 adds it."""
+    model = load_tiny(tiny_dir)
+    ppm = small_ppm(model)
+    batch = training_batch(processor)
+    batch.pop("skipped_samples")
+    loss, metrics = Stage2Task(model, ppm, Stage2Settings()).loss(ppm, batch)
+    assert metrics["reg"] > 0 and loss.item() == pytest.approx(metrics["ce"], rel=1e-6)
+    paper, _ = Stage2Task(model, ppm, Stage2Settings(k=0.01)).loss(ppm, batch)
+    assert paper.item() == pytest.approx(metrics["ce"] + 0.01 * metrics["reg"], rel=1e-5)
+
+
 PINNED_LOSS = 9.571742  # fixed seeds, tokenizer version 2, budget retention (τ = 0.5 at the start)
 
 

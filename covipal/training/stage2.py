@@ -28,7 +28,7 @@ RETENTIONS = ("sigmoid", "budget")
 
 @dataclass
 class Stage2Settings:
-    k: float = 0.01
+    k: float = 0.0  # the paper's 0.01 scrambles the budget ranking under Adam (README, stage 2); kept for sigmoid
     reserve_ratio: float = 0.25
     regularizer: str = "separation"  # separation (Eq. 10) | naive (|r − mean P|)
     retention: str = "budget"  # sigmoid: P = σ(S) (Eq. 5) | budget: P = σ((S − θ) / (τ·spread)), see budget_logits
