@@ -15,7 +15,8 @@ from covipal.pruning.scoring import attention_rows, last_real_index
 
 def fastv_keep_fraction(reserve_ratio: float, num_layers: int, K: int) -> float:
     """Fraction kept after layer K so that the average over all layers is `reserve_ratio`: (rL − K)/(L − K).
-    At r = K/L it is 0: layers from K on see no visual token (the tiny model's 4 layers with K=1 at r = 0.25)."""
+    At r = K/L it is 0, and the budget's floor of one token per sample leaves layers from K on one visual token
+    each (the tiny model's 4 layers with K=1 at r = 0.25: [336, 1, 1, 1] for a 336-token image)."""
     fraction = (reserve_ratio * num_layers - K) / (num_layers - K)
     if fraction < -1e-9:
         feasible = math.ceil(K / num_layers * 100) / 100
