@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from covipal.errors import CovipalError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -40,16 +42,23 @@ def find_user_error(error: BaseException) -> CovipalError | None:
     return None
 
 
+def close_progress_bars() -> None:
+    """End every live tqdm bar (a closed bar ends its line), so what is printed next starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a CovipalError (however wrapped) into a one-line message and exit status 2."""
+    """Turn a CovipalError (however wrapped) into a one-line message, on its own line, and exit status 2."""
     try:
         yield
     except Exception as error:
         found = find_user_error(error)
         if found is None:
             raise
-        print(f"error: {found}", file=sys.stderr)
+        close_progress_bars()
+        print(f"error: {found}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

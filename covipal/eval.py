@@ -139,6 +139,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
         kept = "–" if kept is None else f"{100 * kept:.1f}%"
         prefill = result.get("prefill_seconds_per_sample", float("nan"))
         print(f"{name:24} {score:>7} {ratio:10.4f} {prefill:9.4f} {kept:>13}")
+    for name, result in metrics["benchmarks"].items():
+        if result.get("failed_rows"):
+            print(f"{name}: {result['failed_rows']} of {result['questions']} rows unreadable, scored as wrong")
     print(f"results in {output}")
     return metrics
 

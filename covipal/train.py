@@ -57,6 +57,12 @@ def new_ppm(loaded: LoadedModel, seed: int, init: str | None = None) -> PPMClass
         return PPMClassifier(PPMConfig(input_size=width, **(loaded.ppm or {})))
 
 
+def stage_settings(node: DictConfig) -> tuple[float, str | None, dict]:
+    """A stage's learning rate, init and the rest of its settings."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    return settings.pop("lr"), settings.pop("init"), settings
+
+
 def build_task(cfg: DictConfig, loaded: LoadedModel):
     """The stage's task and learning rate. Stage 2 starts from a stage-1 PPM; `stage2.init=random` (the paper's
     collapse ablation) is the only way to start it from scratch."""
@@ -69,14 +75,12 @@ def build_task(cfg: DictConfig, loaded: LoadedModel):
     if OmegaConf.is_missing(cfg.get(f"stage{cfg.stage}", {}), "init"):
         raise CovipalError(f"stage{cfg.stage}.init is not set; pass stage{cfg.stage}.init=<stage-1 run dir>/final")
     if cfg.stage == 1:
-        settings = OmegaConf.to_container(cfg.stage1, resolve=True)
-        lr, init = settings.pop("lr"), settings.pop("init")
+        lr, init, settings = stage_settings(cfg.stage1)
         turn_ids = turn_token_ids(loaded.processor.tokenizer)
         return Stage1Task(
             loaded.model, new_ppm(loaded, cfg.seed, init), Stage1Settings(**settings), turn_ids=turn_ids
         ), lr
-    settings = OmegaConf.to_container(cfg.stage2, resolve=True)
-    lr, init = settings.pop("lr"), settings.pop("init")
+    lr, init, settings = stage_settings(cfg.stage2)
     if init is None:
         raise CovipalError(
             "stage 2 starts from a stage-1 PPM: pass stage2.init=<stage-1 run dir>/final "
@@ -108,6 +112,8 @@ def run(cfg: DictConfig) -> Path:
         raise CovipalError(f"stage={stage} is not available; use stage=1, stage=2 or stage=lora")
     state = PartialState()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if stage == 2:
+        Stage2Settings(**stage_settings(cfg.stage2)[2])  # a bad setting stops here, before the model loads
     output_dir = shared_output_dir(cfg.output_dir)
     loaded = build_model(cfg)
     apply_aspect_ratio(loaded, cfg.data.get("vision_aspect_ratio"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -133,6 +135,47 @@ def test_bad_input_ends_in_one_line(args, needle, cache_env, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr[-2000:]
+
+
+def test_an_unreadable_benchmark_image_or_video_costs_its_row_only(cache_env, tmp_path):
+    """One row with a broken embedded PNG and one with a broken video: each is reported in one line naming the
+    benchmark, the row and the file, scored as wrong and counted; every other row is answered and scored."""
+    from covipal.data.export import ensure_benchmarks
+
+    root = tmp_path / "LMUData"
+    ensure_benchmarks(root, ["TinyWorld_MCQ", "TinyWorld_Video_MCQ"], 8, progress=False)
+    tsv = root / "TinyWorld_MCQ.tsv"
+    table = pd.read_csv(tsv, sep="\t")
+    table.loc[3, "image"] = base64.b64encode(b"not a png image " * 8).decode()  # > 64 characters: not a reference
+    table.to_csv(tsv, sep="\t", index=False)
+    stem = pd.read_csv(root / "TinyWorld_Video_MCQ.tsv", sep="\t").loc[5, "video"]
+    video = root / "videos" / "TinyWorld_Video_MCQ" / f"{stem}.mp4"
+    video.write_bytes(b"not a video")
+    args = [
+        f"data_root={root}",
+        "benchmark.datasets={TinyWorld_MCQ: mcq, TinyWorld_Video_MCQ: video_mcq}",
+        "num_samples=8",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    result = run_eval(args, cache_env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.split("\n") if "cannot read" in line]
+    assert len(warnings) == 2, result.stderr[-3000:]
+    image_line, video_line = sorted(warnings)  # MCQ before Video_MCQ
+    assert image_line.startswith("warning: TinyWorld_MCQ row 3: cannot read ") and str(tsv) in image_line
+    assert video_line.startswith("warning: TinyWorld_Video_MCQ row 5: cannot read ") and str(video) in video_line
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["benchmarks"]
+    for name, row in (("TinyWorld_MCQ", "3"), ("TinyWorld_Video_MCQ", "5")):
+        assert metrics[name]["failed_rows"] == 1 and metrics[name]["failed_row_indices"] == [row]
+        assert metrics[name]["questions"] == 8 and metrics[name]["questions_timed"] == 7
+        predictions = pd.read_csv(metrics[name]["predictions"], sep="\t", keep_default_na=False)
+        assert len(predictions) == 8  # the other seven were answered by the model (questions_timed above)
+        assert predictions.loc[predictions["index"].astype(str) == row, "prediction"].tolist() == [""]
+        questions = [json.loads(line) for line in (tmp_path / "run" / "questions" / f"{name}.jsonl").open()]
+        assert [q["index"] for q in questions if q["unreadable"]] == [row] and len(questions) == 8
+        assert [q["hit"] for q in questions if q["index"] == row] == [0]
+    assert "TinyWorld_MCQ: 1 of 8 rows unreadable, scored as wrong" in result.stdout
 
 
 def test_api_reports_unknown_pruner_and_bad_ratio_as_user_errors():

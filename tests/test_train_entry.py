@@ -114,6 +114,7 @@ def test_paper_pdrop_star_settings():
         (["data=llava_next"], "data.sources.llava_next.path is not set"),
         (["data=llava_next", "data.sources.llava_next.path=/no/such.json"], "data file /no/such.json does not exist"),
         (["stage1.init=WIDTH32"], "trained for LLM width 32 but this model's width is 96"),
+        (["stage=2", "stage2.k=-1"], "stage2.k=-1 is negative"),
     ],
 )
 def test_bad_input_ends_in_one_line(env, tmp_path, args, message):
@@ -136,3 +137,19 @@ def test_paper_stage2_settings():
         assert cfg.train.precision == "bf16" and cfg.stage2.regularizer == "separation"
     video = api.compose("train", ["experiment=stage2_llava_video"])
     assert (video.data.sources.academic.fraction, video.data.sources.academic.frames) == (0.2, 8)
+
+
+def test_a_training_set_of_unreadable_images_stops_in_one_line_naming_a_file(env, tmp_path):
+    records = []
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"not a png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a square"}]})  # fmt: skip
+    (tmp_path / "next.json").write_text(json.dumps(records))
+    small = [a for a in SMALL if not a.startswith("data.")]
+    data = ["data=llava_next", f"data.sources.llava_next.path={tmp_path / 'next.json'}", "data.sources.llava_next.fraction=1"]
+    result = run("covipal.train", [*small, *data, "train.progress=true", f"hydra.run.dir={tmp_path}/run"], env, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.rstrip("\n").split("\n")[-1]  # "\n" only: a progress bar's "\r" would stay on this line
+    assert last.startswith("error: none of the 4 samples of "), result.stderr[-2000:]
+    assert f"the first, {tmp_path / '0.png'}: " in last or f"{tmp_path}/" in last.split("the first, ")[1]

@@ -88,6 +88,7 @@ class ConversationDataset(Dataset):
         if kind not in ("image", "video"):
             raise CovipalError(f"data source kind={kind!r}: use image or video")
         paths = [paths] if isinstance(paths, str) else list(paths)
+        self.paths = paths
         self.records = _load_records(paths)
         self.index = _subset(len(self.records), fraction, seed, limit)
         self.folder = Path(media_folder) if media_folder else Path(paths[0]).parent
@@ -100,7 +101,7 @@ class ConversationDataset(Dataset):
     def __getitem__(self, item: int) -> Conversation:
         """The item, or — when its image or video cannot be read — the next readable one, with the unreadable
         ids in `skipped` (the trainer counts them in its log), so one bad file never stops an epoch."""
-        skipped = []
+        skipped, first_failure = [], None
         for offset in range(len(self.index)):
             position = (item + offset) % len(self.index)
             record = self.records[int(self.index[position])]
@@ -108,11 +109,21 @@ class ConversationDataset(Dataset):
                 conversation = self._read(record, position)
             except (OSError, ValueError, av.error.FFmpegError) as error:
                 skipped.append(str(record.get("id", position)))
-                logger.warning("skipping unreadable sample %s: %s", skipped[-1], error)
+                logger.warning("skipping unreadable sample %s (%s): %s", skipped[-1], self._media(record), error)
+                first_failure = first_failure or f"{self._media(record)}: {error}"
                 continue
             conversation.skipped = skipped
             return conversation
-        raise CovipalError(f"no sample of {self.folder} could be read")
+        raise CovipalError(
+            f"none of the {len(self.index)} samples of {', '.join(self.paths)} could be read; the first, {first_failure}"
+        )
+
+    def _media(self, record: dict) -> str:
+        """The file an unreadable record is about: its image or video file, or for an embedded image the data file."""
+        value = record.get(self.kind)
+        if isinstance(value, dict):
+            value = value.get("path")
+        return str(self.folder / value) if isinstance(value, str) and value else self.paths[0]
 
     def _read(self, record: dict, position: int) -> Conversation:
         conversation = Conversation(turns_of(record["conversations"]), id=str(record.get("id", position)))

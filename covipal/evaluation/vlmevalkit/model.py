@@ -21,6 +21,12 @@ from covipal.data.sample import Sample
 from covipal.data.sources import sample_frames
 from covipal.evaluation.heatmap import save_heatmap
 from covipal.evaluation.vlmevalkit.prompts import PROMPT_TYPES, question_text
+from covipal.evaluation.vlmevalkit.unreadable import (
+    DECODE_ERRORS,
+    UnreadableMedia,
+    read_or_raise,
+    report,
+)
 from covipal.inference import answer_batch
 from covipal.models.loading import LoadedModel
 from covipal.pruning.context import Pruner
@@ -53,6 +59,7 @@ class PrunedVLM(BaseModel):
         self.heatmap_dir: Path | None = None
         self._drawn: dict[str, int] = {}
         self._row_index = None  # the benchmark row being answered (set by build_prompt)
+        self._unreadable: UnreadableMedia | None = None  # why the row being answered has no image, if it has none
 
     @classmethod
     def for_run(cls, loaded: LoadedModel, pruner: Pruner, max_new_tokens: int | None = None) -> PrunedVLM:
@@ -81,12 +88,29 @@ class PrunedVLM(BaseModel):
             media = [{"type": "video", "value": osp.join(dataset.data_root, f"{line['video']}.mp4")}]
         return [*media, {"type": "text", "value": question_text(line, kind, self.prompts)}]
 
+    def guard_media(self, dump_image, data_file):
+        """The benchmark's `dump_image(line)` (decodes a row's embedded images to files) made to note a row whose
+        image cannot be decoded, naming `data_file`, and give it no image: that row is then answered with nothing
+        and counted, instead of stopping the run."""
+
+        def guarded(line):
+            self._row_index = line.get("index")
+            try:
+                return dump_image(line)
+            except DECODE_ERRORS as error:
+                self._unreadable = UnreadableMedia(data_file, error)
+                return []
+
+        return guarded
+
     # -- answering ----------------------------------------------------------------------------------------------
     def sample(self, message: list[dict]) -> Sample:
-        images = [Image.open(item["value"]).convert("RGB") for item in message if item["type"] == "image"]
+        """The question as a `Sample`; `UnreadableMedia` when one of its image or video files cannot be read."""
+        rgb = lambda path: Image.open(path).convert("RGB")  # noqa: E731
+        images = [read_or_raise(rgb, item["value"]) for item in message if item["type"] == "image"]
         videos = [item["value"] for item in message if item["type"] == "video"]
         text = "\n".join(item["value"] for item in message if item["type"] == "text")
-        video = sample_frames(videos[0], self.nframe) if videos else None
+        video = read_or_raise(lambda path: sample_frames(path, self.nframe), videos[0]) if videos else None
         sample = Sample(text, images=images, video=video)
         if self.relevance is not None:
             sample.relevance = self.relevance(message)
@@ -115,21 +139,33 @@ class PrunedVLM(BaseModel):
     def generate_inner(self, message, dataset=None) -> str:
         if self.session is None:  # built by VLMEvalKit's registry: the session stays installed from here on
             self.__enter__()
-        sample = self.sample(message)
+        index, self._row_index = self._row_index, None
+        index = index.item() if hasattr(index, "item") else index  # numpy scalars as plain JSON numbers
+        failure, self._unreadable = self._unreadable, None
+        try:
+            if failure is not None:
+                raise failure
+            sample = self.sample(message)
+        except UnreadableMedia as unreadable:
+            report(dataset, index, unreadable)
+            self.record(message, {"index": index, "prediction": "", "unreadable": str(unreadable)})
+            return ""
         answer = answer_batch(self.loaded, self.session, [sample], self.max_new_tokens)[0]
         if self.heatmaps and self.heatmap_dir is not None and len(sample.images) == 1:
             self.draw_heatmap(message, sample, answer, dataset)
-        if self.stats_file is not None:
-            key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
-            index, self._row_index = self._row_index, None
-            index = index.item() if hasattr(index, "item") else index  # numpy scalars as plain JSON numbers
-            row = {"key": key, "index": index, "prediction": answer.text}
-            row.update({k: v for k, v in vars(answer).items() if k != "text"})
-            self.stats_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.stats_file, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        row = {"index": index, "prediction": answer.text}
+        row.update({k: v for k, v in vars(answer).items() if k != "text"})
+        self.record(message, row)
         return answer.text
 
+    def record(self, message, row: dict) -> None:
+        """Append one answer's statistics to the benchmark's file, keyed by the question's message."""
+        if self.stats_file is None:
+            return
+        key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
+        self.stats_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.stats_file, "a") as handle:
+            handle.write(json.dumps({"key": key, **row}) + "\n")
 
 def from_config(*overrides: str) -> PrunedVLM:
     """A `PrunedVLM` built from covipal's configs, e.g. `from_config("pruner=fastv", "pruner.reserve_ratio=0.25")`

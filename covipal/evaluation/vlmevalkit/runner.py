@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from vlmeval.inference import infer_data_job
 from vlmeval.inference_video import infer_data_job_video
-from vlmeval.smp import get_pred_file_path, get_rank_and_world_size, load
+from vlmeval.smp import LMUDataRoot, get_pred_file_path, get_rank_and_world_size, load
 
 from covipal.errors import CovipalError
 from covipal.evaluation.vlmevalkit.datasets import open_benchmark
@@ -127,6 +127,7 @@ def question_records(prediction: Path, records: list[dict]) -> list[dict]:
                 "category": None if "category" not in line else str(line["category"]),
                 "prediction": str(line.get("prediction", "")),
                 "hit": verdicts.get(index),
+                "unreadable": record.get("unreadable"),
                 "relevant_kept": record.get("relevant_kept"),
             }
         )
@@ -144,6 +145,8 @@ def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, ro
         if hasattr(dataset, "videos"):
             dataset.videos = sorted(set(dataset.data["video"]))
     vlm.dataset_types[name] = dataset.TYPE
+    if hasattr(dataset, "dump_image"):  # image sets: a row whose embedded image is broken must not stop the run
+        dataset.dump_image = vlm.guard_media(dataset.dump_image, Path(LMUDataRoot()) / f"{name}.tsv")
     rank, _ = get_rank_and_world_size()  # VLMEvalKit's own reading of torchrun's environment
     vlm.stats_file = work_dir / "stats" / f"{name}.rank{rank}.jsonl"
     prediction = Path(get_pred_file_path(str(work_dir), model_name, name))
@@ -167,7 +170,10 @@ def run_benchmark(vlm, name: str, kind: str, work_dir: Path, model_name: str, ro
         "scores": table.to_dict(orient="list") if hasattr(table, "to_dict") else table,
     }
     records = _latest_records(work_dir / "stats", name)
-    result.update(pruning_statistics(records))
+    failed = [record for record in records if record.get("unreadable")]
+    result["failed_rows"] = len(failed)  # answered with nothing (their media could not be read): scored as wrong
+    result["failed_row_indices"] = sorted(str(record.get("index")) for record in failed)
+    result.update(pruning_statistics([record for record in records if not record.get("unreadable")]))
     questions = work_dir / "questions" / f"{name}.jsonl"
     questions.parent.mkdir(parents=True, exist_ok=True)
     questions.write_text("".join(json.dumps(row) + "\n" for row in question_records(prediction, records)))
