@@ -147,8 +147,14 @@ def test_a_training_set_of_unreadable_images_stops_in_one_line_naming_a_file(env
             {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a square"}]})  # fmt: skip
     (tmp_path / "next.json").write_text(json.dumps(records))
     small = [a for a in SMALL if not a.startswith("data.")]
-    data = ["data=llava_next", f"data.sources.llava_next.path={tmp_path / 'next.json'}", "data.sources.llava_next.fraction=1"]
-    result = run("covipal.train", [*small, *data, "train.progress=true", f"hydra.run.dir={tmp_path}/run"], env, tmp_path)
+    data = [
+        "data=llava_next",
+        f"data.sources.llava_next.path={tmp_path / 'next.json'}",
+        "data.sources.llava_next.fraction=1",
+    ]
+    result = run(
+        "covipal.train", [*small, *data, "train.progress=true", f"hydra.run.dir={tmp_path}/run"], env, tmp_path
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.rstrip("\n").split("\n")[-1]  # "\n" only: a progress bar's "\r" would stay on this line
     assert last.startswith("error: none of the 4 samples of "), result.stderr[-2000:]

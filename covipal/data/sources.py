@@ -115,7 +115,8 @@ class ConversationDataset(Dataset):
             conversation.skipped = skipped
             return conversation
         raise CovipalError(
-            f"none of the {len(self.index)} samples of {', '.join(self.paths)} could be read; the first, {first_failure}"
+            f"none of the {len(self.index)} samples of {', '.join(self.paths)} could be read; "
+            f"the first, {first_failure}"
         )
 
     def _media(self, record: dict) -> str:

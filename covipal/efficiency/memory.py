@@ -11,6 +11,9 @@ import threading
 
 import torch
 
+from covipal.efficiency.build import build_everything
+from covipal.efficiency.measure import Encoded, measure
+
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -47,9 +50,21 @@ class PeakSampler:
         return self.peak - self.start
 
 
-def _job(request: dict) -> dict:
-    from covipal.efficiency.run import build_everything, one_memory_measurement
+def one_memory_measurement(loaded, encoded: Encoded, pruner, new_tokens: int) -> dict:
+    model = loaded.model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        measure(model, pruner, encoded, new_tokens)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "kind": "cuda max allocated"}
+    with PeakSampler() as sampler:
+        measure(model, pruner, encoded, new_tokens)
+    return {"peak_bytes": sampler.above_start, "kind": "cpu peak resident (fresh process)"}
 
+
+def _job(request: dict) -> dict:
     torch.set_num_threads(int(request.get("threads") or torch.get_num_threads()))
     try:
         loaded, encoded, pruner = build_everything(request)
@@ -61,6 +76,6 @@ def _job(request: dict) -> dict:
 def measure_in_fresh_processes(requests: list[dict]) -> list[dict]:
     """One new process per request (a pool that retires each worker after one task)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["covipal.efficiency.run"])
+    context.set_forkserver_preload(["covipal.efficiency.build"])
     with context.Pool(processes=1, maxtasksperchild=1) as pool:
         return pool.map(_job, requests, chunksize=1)

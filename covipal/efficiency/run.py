@@ -8,27 +8,16 @@ import statistics
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from covipal.api import build_model, compose
-from covipal.cli import CONFIG_DIR
+from covipal.api import build_model
+from covipal.efficiency.build import make_pruner
 from covipal.efficiency.flops import decode_flops_per_token, llm_prefill_flops, ppm_flops, vision_flops
 from covipal.efficiency.inputs import build_input, input_name
-from covipal.efficiency.measure import Encoded, bare_reference, encode, measure, prime
-from covipal.efficiency.memory import PeakSampler, measure_in_fresh_processes
+from covipal.efficiency.measure import bare_reference, encode, measure, prime
+from covipal.efficiency.memory import measure_in_fresh_processes, one_memory_measurement
 from covipal.errors import CovipalError
-
-
-def make_pruner(cfg: DictConfig, method: str, ratio: float):
-    path = CONFIG_DIR / "pruner" / f"{method}.yaml"
-    if not path.is_file():
-        raise CovipalError(f"bench method {method!r} has no configs/pruner/{method}.yaml")
-    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # unlocked copy: may gain `pruner`
-    node.pruner = OmegaConf.load(path)
-    node.pruner.reserve_ratio = ratio
-    return instantiate(node.pruner)
 
 
 def jobs(cfg: DictConfig) -> list[tuple[str, float]]:
@@ -43,30 +32,6 @@ def bench_inputs(cfg: DictConfig, model_name: str) -> list[dict]:
         return OmegaConf.to_container(cfg.inputs, resolve=True)
     sets = OmegaConf.to_container(cfg.input_sets, resolve=True)
     return sets.get(model_name, sets["real"])
-
-
-def build_everything(request: dict):
-    """For a fresh measuring process: the model, the encoded input and the primed pruner of `request`."""
-    cfg = compose("bench", request["overrides"])
-    loaded = build_model(cfg)
-    encoded = encode(loaded.model, build_input(loaded, request["input"]))
-    pruner = make_pruner(cfg, request["method"], request["ratio"])
-    prime(loaded.model, pruner, encoded)
-    return loaded, encoded, pruner
-
-
-def one_memory_measurement(loaded, encoded: Encoded, pruner, new_tokens: int) -> dict:
-    model = loaded.model
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        measure(model, pruner, encoded, new_tokens)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "kind": "cuda max allocated"}
-    with PeakSampler() as sampler:
-        measure(model, pruner, encoded, new_tokens)
-    return {"peak_bytes": sampler.above_start, "kind": "cpu peak resident (fresh process)"}
 
 
 def summary(values: list[float]) -> dict:

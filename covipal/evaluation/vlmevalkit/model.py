@@ -167,6 +167,7 @@ class PrunedVLM(BaseModel):
         with open(self.stats_file, "a") as handle:
             handle.write(json.dumps({"key": key, **row}) + "\n")
 
+
 def from_config(*overrides: str) -> PrunedVLM:
     """A `PrunedVLM` built from covipal's configs, e.g. `from_config("pruner=fastv", "pruner.reserve_ratio=0.25")`
     (what the registry entry builds)."""
