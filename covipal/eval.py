@@ -80,14 +80,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     pruner = build_pruner(cfg)  # first: a bad pruner or benchmark setting fails before a model is loaded
     datasets = _benchmarks(cfg)
     # VLMEvalKit takes a while to import: only once the settings are known to be good
-    from covipal.data.export import BENCHMARKS, ensure_benchmarks
     from covipal.evaluation.vlmevalkit.datasets import check_available, register_local_sets
     from covipal.evaluation.vlmevalkit.model import PrunedVLM
-    from covipal.evaluation.vlmevalkit.runner import (
-        oracle_relevance,
-        run_benchmark,
-        vlmeval_environment,
-    )
+    from covipal.evaluation.vlmevalkit.runner import run_benchmark, vlmeval_environment
+    from covipal.tiny_world.export import BENCHMARKS, benchmark_relevance, ensure_benchmarks
 
     root = vlmeval_environment(cfg.data_root or os.environ.get("LMUData") or default_cache_dir() / "LMUData")
     tiny_world = [name for name in datasets if name in BENCHMARKS]
@@ -124,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     }
     with vlm:
         for name, kind in datasets.items():
-            vlm.relevance = oracle_relevance(root, name) if name in tiny_world else None
+            vlm.relevance = benchmark_relevance(root, name) if name in tiny_world else None
             result = run_benchmark(vlm, name, kind, output, loaded.name, cfg.num_samples, cfg.benchmark.judge)
             if result is not None:
                 metrics["benchmarks"][name] = result

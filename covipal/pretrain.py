@@ -13,18 +13,18 @@ from omegaconf import DictConfig, OmegaConf
 from covipal.api import build_model
 from covipal.cli import run_hydra_entry, user_errors
 from covipal.errors import CovipalError
-from covipal.evaluation.tiny_world import benchmark_accuracy
-from covipal.models.tiny import TinySpec
+from covipal.models.architecture import ArchitectureSpec
 from covipal.pruning.none import NoPruner
-from covipal.training.pretrain import PretrainRecipe
-from covipal.training.tiny_base import tiny_base_checkpoint
+from covipal.tiny_world.accuracy import benchmark_accuracy
+from covipal.tiny_world.model import tiny_base_checkpoint
+from covipal.tiny_world.pretrain import PretrainRecipe
 
 
 def run(cfg: DictConfig) -> dict:
-    if not cfg.model._target_.endswith("tiny_base.load_tiny"):
+    if not cfg.model._target_.endswith("tiny_world.model.load_tiny"):
         raise CovipalError("covipal.pretrain builds the tiny model only; use model=tiny")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    spec, recipe = TinySpec(**model_cfg["spec"]), PretrainRecipe(**model_cfg.get("pretrain", {}))
+    spec, recipe = ArchitectureSpec(**model_cfg["spec"]), PretrainRecipe(**model_cfg.get("pretrain", {}))
     start = time.perf_counter()
     directory = tiny_base_checkpoint(spec, recipe, model_cfg.get("cache_dir"), rebuild=cfg.force)
     seconds = time.perf_counter() - start

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from covipal import api  # noqa: E402
 from covipal.data.conversation import TrainingCollator, from_sample, turn_token_ids  # noqa: E402
-from covipal.data.export import benchmark_samples  # noqa: E402
 from covipal.models.ppm import PPMClassifier  # noqa: E402
+from covipal.tiny_world.export import benchmark_samples  # noqa: E402
+from covipal.tiny_world.label_quality import ranking_quality  # noqa: E402
 from covipal.training.guidance import QUERY_ROWS, REDUCTIONS, GuidanceProbe  # noqa: E402
-from covipal.training.label_quality import ranking_quality  # noqa: E402
 
 IMAGE_BENCHMARKS = ("TinyWorld_MCQ", "TinyWorld_VQA", "TinyWorld_YN")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from covipal.data.export import write_tiny_world
+from covipal.tiny_world.export import write_tiny_world
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from covipal import api
-from covipal.evaluation.tiny_world import benchmark_accuracy
+from covipal.tiny_world.accuracy import benchmark_accuracy
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from covipal import api
-from covipal.data.export import BENCHMARKS
-from covipal.evaluation.tiny_world import benchmark_accuracy
 from covipal.pruning.none import NoPruner
-from covipal.pruning.oracle import OraclePruner
 from covipal.pruning.random import RandomPruner
+from covipal.tiny_world.accuracy import benchmark_accuracy
+from covipal.tiny_world.export import BENCHMARKS
+from covipal.tiny_world.oracle import OraclePruner
 
 SETTINGS = {
     "none": lambda: NoPruner(),

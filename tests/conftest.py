@@ -15,14 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from covipal.models.tiny import TinySpec, build_tiny  # noqa: E402
+from covipal.models.architecture import ArchitectureSpec  # noqa: E402
+from covipal.tiny_world.model import build_tiny  # noqa: E402
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(2)
 
 # Larger initial weights than the default 0.02, so an untrained model's greedy output varies with its input
 # and generation tests can tell sequences apart.
-TEST_SPEC = TinySpec(initializer_range=0.3)
+TEST_SPEC = ArchitectureSpec(initializer_range=0.3)
 
 
 @pytest.fixture(scope="session")

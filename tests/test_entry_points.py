@@ -15,10 +15,10 @@ import torch
 
 from covipal import api
 from covipal.cli import group_options
-from covipal.data.export import benchmark_samples
 from covipal.errors import CovipalError
 from covipal.inference import generate_answers
 from covipal.pruning.fastv import fastv_keep_fraction
+from covipal.tiny_world.export import benchmark_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +140,7 @@ def test_bad_input_ends_in_one_line(args, needle, cache_env, tmp_path):
 def test_an_unreadable_benchmark_image_or_video_costs_its_row_only(cache_env, tmp_path):
     """One row with a broken embedded PNG and one with a broken video: each is reported in one line naming the
     benchmark, the row and the file, scored as wrong and counted; every other row is answered and scored."""
-    from covipal.data.export import ensure_benchmarks
+    from covipal.tiny_world.export import ensure_benchmarks
 
     root = tmp_path / "LMUData"
     ensure_benchmarks(root, ["TinyWorld_MCQ", "TinyWorld_Video_MCQ"], 8, progress=False)

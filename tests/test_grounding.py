@@ -11,13 +11,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, NUMBERS
-from covipal.data.tiny_world import image_sample, video_sample
 from covipal.errors import CovipalError
-from covipal.models.tiny import TinySpec, build_tiny
-from covipal.pruning.oracle import FocusPruner
+from covipal.models.architecture import ArchitectureSpec
 from covipal.pruning.session import PruningSession
-from covipal.training.grounding import (
+from covipal.tiny_world.grounding import (
     answer_query_rows,
     attention_share_loss,
     grounding_losses,
@@ -28,8 +25,9 @@ from covipal.training.grounding import (
     turn_relevance,
     unevenness,
 )
-from covipal.training.layer_input import LayerInputCapture
-from covipal.training.pretrain import (
+from covipal.tiny_world.model import build_tiny
+from covipal.tiny_world.oracle import FocusPruner
+from covipal.tiny_world.pretrain import (
     PretrainRecipe,
     count_sink_targets,
     counted_tokens,
@@ -40,12 +38,15 @@ from covipal.training.pretrain import (
     training_batch,
     turn_heads,
 )
+from covipal.tiny_world.samples import image_sample, video_sample
+from covipal.tiny_world.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, NUMBERS
+from covipal.training.layer_input import LayerInputCapture
 from tests.test_pretrain import SMALL_WORLD
 
 
 @pytest.fixture(scope="module")
 def eager(tmp_path_factory):
-    spec = TinySpec(**{**SMALL_WORLD, "initializer_range": 0.3})
+    spec = ArchitectureSpec(**{**SMALL_WORLD, "initializer_range": 0.3})
     directory = build_tiny(spec, tmp_path_factory.mktemp("grounding"))
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory, attn_implementation="eager").eval()
     return model, AutoProcessor.from_pretrained(directory)
@@ -286,7 +287,7 @@ def test_the_image_term_of_a_kind_reads_only_the_heads_it_is_given(eager):
 
 
 def test_grounding_layer_without_a_layer_on_each_side_is_refused(tmp_path):
-    directory = build_tiny(TinySpec(**{**SMALL_WORLD, "text_layers": 2}), tmp_path / "m")
+    directory = build_tiny(ArchitectureSpec(**{**SMALL_WORLD, "text_layers": 2}), tmp_path / "m")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
     processor = AutoProcessor.from_pretrained(directory)
     with pytest.raises(CovipalError, match="grounding_layer=1"):

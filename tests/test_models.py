@@ -8,10 +8,10 @@ from conftest import make_inputs
 from transformers import AutoProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
 from covipal.errors import CovipalError
-from covipal.models.loading import check_processor_matches, load_pretrained, tiny_checkpoint
-from covipal.models.tiny import TinySpec, build_tiny
+from covipal.models.architecture import ArchitectureSpec
+from covipal.models.loading import check_processor_matches, load_pretrained
 from covipal.models.tokenizer import build_word_tokenizer
-from covipal.training.tiny_base import load_tiny
+from covipal.tiny_world.model import build_tiny, load_tiny, tiny_checkpoint
 
 
 def test_tokenizer_round_trips_text_and_keeps_special_tokens(tmp_path):
@@ -26,13 +26,13 @@ def test_tokenizer_round_trips_text_and_keeps_special_tokens(tmp_path):
 
 
 def test_tiny_build_is_deterministic_and_cached(tmp_path):
-    spec = TinySpec(seed=3)
+    spec = ArchitectureSpec(seed=3)
     first = build_tiny(spec, tmp_path / "a")
     second = build_tiny(spec, tmp_path / "b")
     state_a = LlavaOnevisionForConditionalGeneration.from_pretrained(first).state_dict()
     state_b = LlavaOnevisionForConditionalGeneration.from_pretrained(second).state_dict()
     assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
-    other = LlavaOnevisionForConditionalGeneration.from_pretrained(build_tiny(TinySpec(seed=4), tmp_path / "c"))
+    other = LlavaOnevisionForConditionalGeneration.from_pretrained(build_tiny(ArchitectureSpec(seed=4), tmp_path / "c"))
     assert not torch.equal(other.state_dict()["lm_head.weight"], state_a["lm_head.weight"])
     cached = tiny_checkpoint(spec, tmp_path / "cache")
     stamp = (cached / "model.safetensors").stat().st_mtime_ns
@@ -69,7 +69,7 @@ def test_missing_weights_offline_fail_in_one_line(monkeypatch):
 
 
 def test_processor_model_mismatch_is_refused(tiny_dir, tmp_path):
-    other = build_tiny(TinySpec(image_size=16, grid_pinpoints=[[16, 16], [16, 32]]), tmp_path / "other")
+    other = build_tiny(ArchitectureSpec(image_size=16, grid_pinpoints=[[16, 16], [16, 32]]), tmp_path / "other")
     with pytest.raises(CovipalError) as error:
         load_pretrained(str(tiny_dir), device="cpu", dtype="float32", processor_path=str(other))
     assert "tokens per crop" in str(error.value) and "\n" not in str(error.value)

@@ -7,10 +7,11 @@ import torch
 from conftest import load_tiny
 
 from covipal.data.conversation import TrainingCollator
-from covipal.data.mixture import mixture, tiny_world_images
+from covipal.data.mixture import mixture
 from covipal.models.adapters import merge_adapter, trainable_parameters
 from covipal.pruning.none import NoPruner
 from covipal.pruning.pdrop import PyramidDropPruner
+from covipal.tiny_world.training_data import tiny_world_images
 from covipal.training.loop import LoopConfig, train
 from covipal.training.lora import LoRASettings, PrunedLoRATask, answer_starts
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-from covipal.data.tiny_world import image_sample
 from covipal.errors import CovipalError
-from covipal.evaluation.tiny_world import accuracy
-from covipal.models.tiny import TinySpec, build_tiny
+from covipal.models.architecture import ArchitectureSpec
 from covipal.pruning.none import NoPruner
 from covipal.pruning.random import RandomPruner
-from covipal.training.pretrain import (
+from covipal.tiny_world.accuracy import accuracy
+from covipal.tiny_world.model import build_tiny, load_tiny, tiny_base_checkpoint
+from covipal.tiny_world.pretrain import (
     PretrainRecipe,
     batches,
     focus_objects,
@@ -25,7 +25,7 @@ from covipal.training.pretrain import (
     pretrain,
     training_batch,
 )
-from covipal.training.tiny_base import load_tiny, tiny_base_checkpoint
+from covipal.tiny_world.samples import image_sample
 
 # The tiny world's geometry (128-px images -> 336 visual tokens) at a width small enough for fast tests.
 SMALL_WORLD = dict(
@@ -44,7 +44,7 @@ SMALL_WORLD = dict(
 
 
 def small_model(tmp_path, name="m"):
-    directory = build_tiny(TinySpec(**SMALL_WORLD), tmp_path / name)
+    directory = build_tiny(ArchitectureSpec(**SMALL_WORLD), tmp_path / name)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
     return model, AutoProcessor.from_pretrained(directory)
 
@@ -86,7 +86,7 @@ def test_short_pretraining_lowers_the_loss_and_is_deterministic(tmp_path):
 
 def test_pretrained_checkpoint_is_cached_and_loads_like_real_weights(tmp_path):
     recipe = PretrainRecipe(steps=2, batch_size=2, turns=1)
-    directory = tiny_base_checkpoint(TinySpec(**SMALL_WORLD), recipe, tmp_path)
+    directory = tiny_base_checkpoint(ArchitectureSpec(**SMALL_WORLD), recipe, tmp_path)
     assert json.loads((directory / "pretrain_recipe.json").read_text())["steps"] == 2
     assert len(json.loads((directory / "pretrain_log.json").read_text())) == 2
     stamp = (directory / "model.safetensors").stat().st_mtime_ns
@@ -97,7 +97,7 @@ def test_pretrained_checkpoint_is_cached_and_loads_like_real_weights(tmp_path):
     )
     assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # not trained again
     untrained = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        build_tiny(TinySpec(**SMALL_WORLD), tmp_path / "init")
+        build_tiny(ArchitectureSpec(**SMALL_WORLD), tmp_path / "init")
     )
     weight = "model.language_model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(loaded.model.state_dict()[weight], untrained.state_dict()[weight])

@@ -11,9 +11,9 @@ from pruning_helpers import visual_mask
 
 from covipal.errors import CovipalError
 from covipal.pruning.budget import visual_budget
-from covipal.pruning.oracle import FocusPruner, OraclePruner
 from covipal.pruning.random import RandomPruner
 from covipal.pruning.session import PruningSession
+from covipal.tiny_world.oracle import FocusPruner, OraclePruner
 
 
 def kept_visual(model, inputs, pruner, relevance=None):

@@ -14,8 +14,8 @@ from covipal.inference import generate_answers
 from covipal.models.loading import LoadedModel
 from covipal.pruning.fastv import FastVPruner
 from covipal.pruning.none import NoPruner
-from covipal.pruning.oracle import OraclePruner
 from covipal.pruning.random import RandomPruner
+from covipal.tiny_world.oracle import OraclePruner
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_label_quality_scores_an_exact_ranking_perfectly(loaded):
     """ranking_quality on one batch: a 'PPM' that scores exactly the relevant tokens recalls them all; keeping the
     first tokens is perfectly anti-correlated with position and lies in the base tile."""
     from covipal.data.conversation import TrainingCollator, from_sample, turn_token_ids
-    from covipal.pruning.oracle import relevance_positions
+    from covipal.tiny_world.label_quality import ranking_quality
+    from covipal.tiny_world.oracle import relevance_positions
     from covipal.training.guidance import GuidanceProbe
-    from covipal.training.label_quality import ranking_quality
 
     samples = samples_with_relevance(loaded, count=2, relevant=5)
     batch = TrainingCollator(loaded.processor, None, labels=False, prompt_only=True)([from_sample(s) for s in samples])

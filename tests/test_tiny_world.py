@@ -11,8 +11,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from covipal.data.export import BENCHMARKS, benchmark_samples, read_video, write_tiny_world
-from covipal.data.synthetic import (
+from covipal.models.architecture import ArchitectureSpec, local_processor
+from covipal.tiny_world.export import BENCHMARKS, benchmark_samples, read_video, write_tiny_world
+from covipal.tiny_world.samples import image_sample, video_sample
+from covipal.tiny_world.synthetic import (
     CELL,
     COLOURS,
     IMAGE_SIZE,
@@ -24,8 +26,6 @@ from covipal.data.synthetic import (
     image_token_relevance,
     random_scene,
 )
-from covipal.data.tiny_world import image_sample, video_sample
-from covipal.models.tiny import TinySpec, tiny_processor
 
 WORLD_SPEC = dict(image_size=64, patch_size=8, grid_pinpoints=[[64, 64], [64, 128], [128, 64], [128, 128]])
 
@@ -60,7 +60,7 @@ def test_every_question_has_its_answer_among_the_options_and_types_all_occur():
 
 
 def test_relevance_masks_match_the_processors_token_layout():
-    processor = tiny_processor(TinySpec(**WORLD_SPEC))
+    processor = local_processor(ArchitectureSpec(**WORLD_SPEC))
     image = image_sample(np.random.default_rng(1), "short")
     video = video_sample(np.random.default_rng(1), "short")
     for sample, token in ((image, "<image>"), (video, "<video>")):

@@ -11,10 +11,10 @@ import torch
 from conftest import random_image, random_video
 
 from covipal.data.conversation import Conversation, TrainingCollator
-from covipal.data.export import write_video
 from covipal.data.mixture import mixture
 from covipal.data.sources import llava_next, llava_video, sample_frames
 from covipal.errors import CovipalError
+from covipal.tiny_world.export import write_video
 
 
 def conversations(n: int, placeholder: str) -> list[dict]:

@@ -327,9 +327,9 @@ def test_models_are_registered_in_vlmeval_and_answer_its_messages(tmp_path, monk
 
 
 def test_the_local_video_set_prompts_models_without_their_own(data_root):
-    from covipal.data.export import ensure_benchmarks
     from covipal.evaluation.vlmevalkit.datasets import LocalVideoMCQ, open_benchmark, register_local_sets
     from covipal.evaluation.vlmevalkit.runner import vlmeval_environment
+    from covipal.tiny_world.export import ensure_benchmarks
 
     root = vlmeval_environment(data_root)
     ensure_benchmarks(root, ["TinyWorld_Video_MCQ"], ROWS, progress=False)

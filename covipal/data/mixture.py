@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from torch.utils.data import ConcatDataset
 
-from torch.utils.data import ConcatDataset, Dataset
-
-from covipal.cache import cached_directory
-from covipal.data.export import write_training_split
-from covipal.data.sources import llava_next, llava_video
-from covipal.data.synthetic import GENERATOR_VERSION
 from covipal.errors import CovipalError
 
 
@@ -20,22 +14,3 @@ def mixture(sources: dict | list) -> ConcatDataset:
     if not parts:
         raise CovipalError("the data config has no sources")
     return ConcatDataset(parts)
-
-
-def tiny_world_split(images: int, videos: int, seed: int = 0, cache_dir: str | None = None) -> Path:
-    """The tiny world's training split in the released layouts, generated once into the cache."""
-    key = {"images": images, "videos": videos, "seed": seed, "generator": GENERATOR_VERSION}
-    build = lambda directory: write_training_split(directory, images, videos, seed)  # noqa: E731
-    return cached_directory("tiny-world-train", key, build, cache_dir)
-
-
-def tiny_world_images(images: int = 2000, seed: int = 0, cache_dir: str | None = None, **kwargs) -> Dataset:
-    """The synthetic image conversations, read by the LLaVA-NeXT-Data reader."""
-    root = tiny_world_split(images, 0, seed, cache_dir)
-    return llava_next(str(root / "llava_next" / "tiny_world.json"), seed=seed, **kwargs)
-
-
-def tiny_world_videos(videos: int = 500, seed: int = 0, cache_dir: str | None = None, **kwargs) -> Dataset:
-    """The synthetic video conversations, read by the LLaVA-Video-178K reader."""
-    root = tiny_world_split(0, videos, seed, cache_dir)
-    return llava_video(str(root / "llava_video" / "tiny_world.json"), seed=seed, **kwargs)

@@ -1,11 +1,11 @@
-"""Loading a LLaVA-OneVision-architecture model and its processor: the tiny one and the paper's checkpoints go
-through the same `from_pretrained` path; only where the weights come from differs."""
+"""Loading a LLaVA-OneVision-architecture model and its processor with `from_pretrained`: the paper's checkpoints
+and the tiny model's cached one (covipal/tiny_world/model.py) go through the same path."""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,11 +14,8 @@ from huggingface_hub import constants, snapshot_download
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 from transformers.utils import is_flash_attn_2_available
 
-from covipal.cache import cached_directory
 from covipal.errors import CovipalError
 from covipal.models.adapters import merge_adapter
-from covipal.models.tiny import TinySpec, build_tiny
-from covipal.models.tokenizer import TOKENIZER_VERSION
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 
@@ -159,9 +156,3 @@ def load_pretrained(
         dict(layer_plan) if layer_plan else None,
         dict(evaluation) if evaluation else None,
     )
-
-
-def tiny_checkpoint(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
-    """The cached checkpoint of the untrained (seeded random) tiny model for `spec`."""
-    key = {**asdict(spec), "tokenizer": TOKENIZER_VERSION}
-    return cached_directory("tiny", key, lambda directory: build_tiny(spec, directory), cache_dir)

@@ -11,8 +11,8 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.initialization import no_init_weights
 
 from covipal.models.adapters import merge_adapter
+from covipal.models.architecture import ArchitectureSpec, processor_and_config, set_generation_tokens
 from covipal.models.loading import LoadedModel, resolve_attention, resolve_device, resolve_dtype
-from covipal.models.tiny import TinySpec, processor_and_config, set_generation_tokens
 
 
 def fill_random(model: torch.nn.Module, seed: int, std: float, block: int = 1 << 22) -> None:
@@ -46,8 +46,8 @@ def load_shaped(
     evaluation: dict | None = None,
     adapter: str | None = None,
 ) -> LoadedModel:
-    """A randomly initialised model of `spec`'s shapes (TinySpec fields), in memory, with its processor."""
-    spec = TinySpec(**spec)
+    """A randomly initialised model of `spec`'s shapes (ArchitectureSpec fields), in memory, with its processor."""
+    spec = ArchitectureSpec(**spec)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     processor, config = processor_and_config(spec)

@@ -12,7 +12,6 @@ from torch import nn
 
 from covipal.models.ppm import PPMClassifier
 from covipal.training.guidance import GuidanceProbe
-from covipal.training.label_quality import top_overlap
 
 
 @dataclass
@@ -35,6 +34,12 @@ def drop_layers_after(model: nn.Module, layer: int) -> None:
     multimodal = model.model if hasattr(model, "lm_head") else model
     layers = multimodal.language_model.layers
     del layers[layer + 1 :]
+
+
+def top_overlap(scores: torch.Tensor, labels: torch.Tensor, ratio: float) -> float:
+    """Share of the labels' top floor(r·n) that the scores also put in their top floor(r·n)."""
+    k = max(1, int(ratio * len(scores)))
+    return len(set(scores.topk(k).indices.tolist()) & set(labels.topk(k).indices.tolist())) / k
 
 
 def topk_recall(scores: torch.Tensor, labels: torch.Tensor, visual: torch.Tensor, ratio: float) -> float:

@@ -15,8 +15,9 @@ torch.set_num_threads(1)
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration  # noqa: E402
 
 from covipal.data.conversation import TrainingCollator, turn_token_ids  # noqa: E402
-from covipal.data.mixture import mixture, tiny_world_images, tiny_world_videos  # noqa: E402
+from covipal.data.mixture import mixture  # noqa: E402
 from covipal.models.ppm import PPMClassifier, PPMConfig  # noqa: E402
+from covipal.tiny_world.training_data import tiny_world_images, tiny_world_videos  # noqa: E402
 from covipal.training.loop import LoopConfig, train  # noqa: E402
 from covipal.training.stage1 import Stage1Settings, Stage1Task  # noqa: E402
 

@@ -27,23 +27,6 @@ def vlmeval_environment(data_root: str | Path) -> Path:
     return root
 
 
-def oracle_relevance(root: Path, name: str):
-    """message -> relevance mask, for the tiny world's benchmarks: their media files are named by row index
-    (`images/<NAME>/<index>.png`, `videos/<NAME>/<index>.mp4`), and `<NAME>_oracle.jsonl` holds each row's."""
-    rows = {}
-    for line in (root / f"{name}_oracle.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        mask = np.zeros(record["visual_tokens"], dtype=bool)
-        mask[record["relevant"]] = True
-        rows[int(record["index"])] = mask
-
-    def lookup(message: list[dict]):
-        media = [item["value"] for item in message if item["type"] in ("image", "video")]
-        return rows[int(Path(media[0]).stem)] if media else None
-
-    return lookup
-
-
 def _remove_scores(prediction_file: Path) -> None:
     """VLMEvalKit's scorers reuse their intermediate files whatever the predictions now say: start clean."""
     stem = prediction_file.with_suffix("")

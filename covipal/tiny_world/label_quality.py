@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from covipal.pruning.oracle import relevance_positions
+from covipal.tiny_world.oracle import relevance_positions
 from covipal.training.guidance import GuidanceProbe
+from covipal.training.stage1 import top_overlap
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -31,12 +32,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = (ra.norm() * rb.norm()).item()
     return float((ra * rb).sum().item() / denominator) if denominator else 0.0
-
-
-def top_overlap(scores: torch.Tensor, labels: torch.Tensor, ratio: float) -> float:
-    """Share of the labels' top floor(r·n) that the scores also put in their top floor(r·n)."""
-    k = max(1, int(ratio * len(scores)))
-    return len(set(scores.topk(k).indices.tolist()) & set(labels.topk(k).indices.tolist())) / k
 
 
 @dataclass

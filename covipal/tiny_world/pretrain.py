@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 from covipal.data.chat import processor_inputs, user_message
 from covipal.data.conversation import answer_labels
 from covipal.data.sample import Sample
-from covipal.data.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, VIDEO_QUESTION_TYPES
-from covipal.data.tiny_world import sample_stream
 from covipal.errors import CovipalError
-from covipal.pruning.oracle import FocusPruner
 from covipal.pruning.session import PruningSession
-from covipal.training.grounding import answer_query_rows, grounding_losses, turn_relevance
+from covipal.tiny_world.grounding import answer_query_rows, grounding_losses, turn_relevance
+from covipal.tiny_world.oracle import FocusPruner
+from covipal.tiny_world.samples import sample_stream
+from covipal.tiny_world.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, VIDEO_QUESTION_TYPES
 from covipal.training.layer_input import LayerInputCapture
 
 
@@ -51,7 +51,7 @@ class PretrainRecipe:
     # where a focus phase lists several keep ratios: "sample" draws one per sample, "batch" one per batch (a batch
     # that mixes full and dropped inputs is padded to the full length, so per batch halves the mixed phase's cost)
     focus_draw: str = "sample"
-    # attention supervision (covipal/training/grounding.py): weight of its three terms, and the decoder layer l at
+    # attention supervision (covipal/tiny_world/grounding.py): weight of its three terms, and the decoder layer l at
     # which each question row looks at its objects' tokens (key words at l-1, answer rows recall it at l+1)
     grounding_weight: float = 1.0
     grounding_layer: int = 1

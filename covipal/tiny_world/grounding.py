@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from covipal.pruning.oracle import relevance_positions
 from covipal.pruning.scoring import attention_rows
 from covipal.pruning.sequence import Compaction
+from covipal.tiny_world.oracle import relevance_positions
 from covipal.training.layer_input import LayerInputCapture
 
 

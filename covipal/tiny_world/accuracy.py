@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from covipal.data.export import benchmark_samples
 from covipal.data.sample import Sample
 from covipal.evaluation.scoring import is_correct
 from covipal.inference import generate_answers
 from covipal.models.loading import LoadedModel
 from covipal.pruning.context import Pruner
+from covipal.tiny_world.export import benchmark_samples
 
 
 def accuracy(loaded: LoadedModel, pruner: Pruner, samples: list[Sample], batch_size: int = 32, progress=False):

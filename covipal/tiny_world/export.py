@@ -25,8 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from covipal.data.sample import Sample
-from covipal.data.synthetic import CHOICE_TYPES, GENERATOR_VERSION, YES_NO_TYPES
-from covipal.data.tiny_world import image_sample, video_sample
+from covipal.tiny_world.samples import image_sample, video_sample
+from covipal.tiny_world.synthetic import CHOICE_TYPES, GENERATOR_VERSION, YES_NO_TYPES
 
 BENCHMARK_SEED = 10_000_000
 MCQ_COLUMNS = ["index", "question", "A", "B", "C", "D", "answer", "category", "image"]
@@ -182,3 +182,20 @@ def write_tiny_world(
     for name in BENCHMARKS:
         write_benchmark(root, name, benchmark_size, progress)
     return root
+
+
+def benchmark_relevance(root: Path, name: str):
+    """message -> relevance mask, for the tiny world's benchmarks: their media files are named by row index
+    (`images/<NAME>/<index>.png`, `videos/<NAME>/<index>.mp4`), and `<NAME>_oracle.jsonl` holds each row's."""
+    rows = {}
+    for line in (root / f"{name}_oracle.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        mask = np.zeros(record["visual_tokens"], dtype=bool)
+        mask[record["relevant"]] = True
+        rows[int(record["index"])] = mask
+
+    def lookup(message: list[dict]):
+        media = [item["value"] for item in message if item["type"] in ("image", "video")]
+        return rows[int(Path(media[0]).stem)] if media else None
+
+    return lookup

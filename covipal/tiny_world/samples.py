@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from covipal.data.sample import Sample
-from covipal.data.synthetic import (
+from covipal.tiny_world.synthetic import (
     IMAGE_QUESTION_TYPES,
     VIDEO_QUESTION_TYPES,
     Question,

@@ -1,18 +1,13 @@
-"""The tiny LLaVA-OneVision: transformers' own classes at toy sizes, built from a config with no download.
-
-`build_tiny` writes a complete transformers checkpoint (weights, config, tokenizer, image and video processors,
-chat template) into a directory, which is then loaded with `from_pretrained` exactly like a real checkpoint.
-"""
+"""A LLaVA-OneVision architecture of any size from a spec, with the local word tokenizer: transformers' own classes
+and config, built with no download. The tiny model (covipal/tiny_world/model.py) and the real-shape bench models
+(covipal/models/shapes.py) are both built from here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
 from transformers import (
     LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
@@ -24,8 +19,9 @@ from covipal.models.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, build_word_tokeni
 
 
 @dataclass
-class TinySpec:
-    """Sizes of the tiny model. `image_size`/`patch_size` set tokens per crop ((image_size/patch_size)²)."""
+class ArchitectureSpec:
+    """Sizes of the model. `image_size`/`patch_size` set tokens per crop ((image_size/patch_size)²); `words`: extra
+    whole words for the local tokenizer; `seed`: the weights' seed."""
 
     image_size: int = 32
     patch_size: int = 8
@@ -48,7 +44,7 @@ class TinySpec:
     seed: int = 0
 
 
-def tiny_model_config(spec: TinySpec, vocab_size: int, image_token_id: int, video_token_id: int):
+def model_config(spec: ArchitectureSpec, vocab_size: int, image_token_id: int, video_token_id: int):
     vision = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -84,7 +80,7 @@ def tiny_model_config(spec: TinySpec, vocab_size: int, image_token_id: int, vide
     )
 
 
-def tiny_processor(spec: TinySpec) -> LlavaOnevisionProcessor:
+def local_processor(spec: ArchitectureSpec) -> LlavaOnevisionProcessor:
     tokenizer = build_word_tokenizer(spec.words)
     size = {"height": spec.image_size, "width": spec.image_size}
     image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=spec.grid_pinpoints)
@@ -100,11 +96,11 @@ def tiny_processor(spec: TinySpec) -> LlavaOnevisionProcessor:
     )
 
 
-def processor_and_config(spec: TinySpec):
+def processor_and_config(spec: ArchitectureSpec):
     """The local processor for `spec` and the model config that matches its tokenizer (placeholders, pad, eos)."""
-    processor = tiny_processor(spec)
+    processor = local_processor(spec)
     tok = processor.tokenizer
-    config = tiny_model_config(
+    config = model_config(
         spec, len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(VIDEO_TOKEN)
     )
     config.text_config.pad_token_id = tok.pad_token_id
@@ -115,24 +111,3 @@ def processor_and_config(spec: TinySpec):
 def set_generation_tokens(model, tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-
-
-def build_tiny(spec: TinySpec, directory: str | Path) -> Path:
-    """Build a seeded tiny model and its processor and save both as one transformers checkpoint."""
-    directory = Path(directory)
-    processor, config = processor_and_config(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.float32)
-    set_generation_tokens(model, processor.tokenizer)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    (directory / "tiny_spec.json").write_text(_spec_json(spec))
-    return directory
-
-
-def _spec_json(spec: TinySpec) -> str:
-    import json
-
-    return json.dumps(asdict(spec), indent=1, sort_keys=True)
