@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from covipal.cli import CONFIG_DIR, run_hydra_entry, user_errors
 from covipal.errors import CovipalError
+from covipal.models.loading import dtype_choice, resolve_device
 
 
 def bench(cfg: DictConfig) -> list[dict]:
@@ -25,6 +26,7 @@ def bench(cfg: DictConfig) -> list[dict]:
             "warmup>=0 and new_tokens>=1"
         )
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith(("hydra.", "-"))]
+    print(f"dtype: {dtype_choice(cfg.model.dtype, resolve_device(cfg.model.device))}", flush=True)
     directory = output_dir(cfg)
 
     written: list = []

@@ -245,15 +245,17 @@ def write_csv(path: Path, benchmarks: list[str], rows: list[dict], versus: Seque
             )
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def plot(path: Path, rows: list[dict]) -> dict[str, dict]:
     """Mean score against the achieved reserve ratio, one line per (model, method), each with its own colour and
-    marker; the unpruned model is the dashed reference line every method is read against."""
+    marker, with the 95% paired bootstrap interval of its difference to `none` as a bar on each point that has
+    one; the unpruned model is the dashed reference line every method is read against. Returns what was drawn,
+    per label: colour, marker, points and bars (None for the reference line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    figure, axes = plt.subplots(figsize=(7.5, 5))
     lines: dict[tuple, list] = {}
     references = []
     for row in rows:
@@ -262,31 +264,41 @@ def plot(path: Path, rows: list[dict]) -> None:
         if row["method"] == "none":
             references.append((row["model"], row["mean"]))
         else:
-            lines.setdefault((row["model"], row["method"]), []).append((row["achieved_r"], row["mean"]))
-    several_models = len({model for model, _ in lines}) > 1
-    colours = plt.get_cmap("tab20").colors
-    markers = "osD^v<>pPX*hH"
+            lines.setdefault((row["model"], row["method"]), []).append((row["achieved_r"], row["mean"], row["vs_none"]))
+    several_models = len({model for model, _ in lines} | {model for model, _ in references}) > 1
+    colours = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]  # 18 colours, none alike
+    markers = "osD^v<>pPX*hH8d"
+    drawn: dict[str, dict] = {}
     for number, ((model, method), points) in enumerate(sorted(lines.items())):
-        points.sort()
-        axes.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker=markers[number % len(markers)],
-            color=colours[number % len(colours)],
-            label=f"{model} {method}" if several_models else method,
-        )
+        points.sort(key=lambda point: point[0])
+        label = f"{model} {method}" if several_models else method
+        style = {"colour": colours[number % len(colours)], "marker": markers[number % len(markers)]}
+        x, y = [p[0] for p in points], [p[1] for p in points]
+        axes.plot(x, y, marker=style["marker"], color=style["colour"], label=label, markersize=5, linewidth=1.2)
+        bars = [(r, mean, interval) for r, mean, interval in points if interval is not None]
+        if bars:  # the interval of (method − none), drawn around the method's own point
+            below = [interval.difference - interval.low for _, _, interval in bars]
+            above = [interval.high - interval.difference for _, _, interval in bars]
+            axes.errorbar(
+                [b[0] for b in bars], [b[1] for b in bars], yerr=[below, above], fmt="none",
+                ecolor=style["colour"], elinewidth=1, capsize=3,
+            )  # fmt: skip
+        drawn[label] = {**style, "points": len(points), "bars": len(bars)}
     for model, mean in references:
-        axes.axhline(
-            mean, color="black", linestyle="--", linewidth=1, label=f"{model} none" if several_models else "none"
-        )
+        label = f"{model} none" if several_models else "none"
+        axes.axhline(mean, color="black", linestyle="--", linewidth=1, label=label)
+        drawn[label] = None
     axes.set_xlabel("achieved reserve ratio r")
     axes.set_ylabel("mean score over benchmarks")
+    if any(d and d["bars"] for d in drawn.values()):
+        axes.set_title("bars: 95% paired bootstrap interval of the difference to none", fontsize=8)
     axes.grid(alpha=0.3)
-    if lines or references:
+    if drawn:
         axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return drawn
 
 
 def report(directory: str | Path, versus: Sequence[str] = ()) -> str:

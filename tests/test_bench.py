@@ -90,6 +90,7 @@ def test_tiny_bench_writes_every_figure(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "dtype: float32 (model.dtype=float32)" in result.stdout  # the tiny model's own choice, said
     data = json.loads((run_dir / "bench.json").read_text())
     rows = {(r["input"], r["method"]): r for r in data["rows"]}
     assert set(rows) == {

@@ -85,3 +85,22 @@ def test_bad_attention_and_device_choices_fail_in_one_line(tiny_dir):
             load_pretrained(str(tiny_dir), attn_implementation="flash_attention_2", device="cpu")
         with pytest.raises(CovipalError, match="model.device=cuda"):
             load_pretrained(str(tiny_dir), device="cuda")
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_fast(tmp_path, monkeypatch):
+    from covipal.models import loading
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n")
+    plain.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f\n")
+    assert loading.cpu_bf16_features(amx) == ["amx_bf16", "avx512_bf16"]
+    assert loading.cpu_bf16_features(plain) == [] and loading.cpu_bf16_features(tmp_path / "missing") == []
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "cpu_bf16_features", lambda: ["amx_bf16"])
+    assert loading.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert loading.dtype_choice("auto", cpu).startswith("bfloat16 (model.dtype=auto: this CPU has amx_bf16")
+    assert loading.resolve_dtype("float32", cpu) == torch.float32  # the override wins
+    monkeypatch.setattr(loading, "cpu_bf16_features", lambda: [])
+    assert loading.resolve_dtype("auto", cpu) == torch.float32
+    assert loading.dtype_choice("auto", cpu).startswith("float32 (model.dtype=auto: this CPU has neither")
+    assert loading.dtype_choice("bfloat16", cpu) == "bfloat16 (model.dtype=bfloat16)"

@@ -255,6 +255,29 @@ def test_report_builds_the_table_from_a_real_sweep(data_root, tmp_path, monkeypa
     assert (sweep / "report.png").stat().st_size > 1000 and "| none |" in (sweep / "report.md").read_text()
 
 
+def test_the_sweep_plot_tells_every_method_apart_and_reads_them_against_none(tmp_path):
+    from covipal.evaluation.intervals import Interval
+    from covipal.report import plot
+
+    methods = ["covipal", "stage1", "fastv", "pdrop", "pdrop*", "sparsevlm", "visionzip", "vitcop", "random", "pool"]
+    methods += ["oracle"]
+
+    def row(method, r, interval=True):
+        mean = 90.0 if method == "none" else 50.0 + 10 * r
+        difference = Interval(mean - 90.0, mean - 93.0, mean - 88.0) if interval and method != "none" else None
+        return {"model": "tiny", "method": method, "achieved_r": r, "mean": mean, "vs_none": difference}
+
+    rows = [row("none", 1.0)] + [row(m, r, interval=m != "oracle") for m in methods for r in (0.5, 0.25)]
+    drawn = plot(tmp_path / "report.png", rows)
+    assert drawn.pop("none") is None  # the reference line, not a point
+    assert sorted(drawn) == sorted(methods)
+    assert len({str(d["colour"]) for d in drawn.values()}) == len(methods)
+    assert len({d["marker"] for d in drawn.values()}) == len(methods)
+    assert all(d["points"] == 2 for d in drawn.values())
+    assert drawn["oracle"]["bars"] == 0 and all(d["bars"] == 2 for m, d in drawn.items() if m != "oracle")
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
 def test_report_groups_the_seeds_of_a_seeded_adapter_or_classifier_as_one_method():
     from covipal.report import group_key
 

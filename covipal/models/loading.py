@@ -46,13 +46,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")  # with either, bf16 matrix products beat float32 on CPU
+
+
+def cpu_bf16_features(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The CPU's bf16 matrix features: without them bf16 runs ~5x slower than float32 on CPU, with AMX ~10x
+    faster (../shared/FACTS.md). Empty where /proc/cpuinfo cannot be read."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return []
+    return [feature for feature in BF16_CPU_FEATURES if feature in flags]
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU and on a CPU with AMX-bf16 or AVX512-BF16, float32 on any other CPU."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast_bf16 = device.type == "cuda" or bool(cpu_bf16_features())
+        return torch.bfloat16 if fast_bf16 else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise CovipalError(f"model.dtype={dtype} is not one of auto, float32, bfloat16, float16") from None
+
+
+def dtype_choice(dtype: str, device: torch.device) -> str:
+    """What `resolve_dtype` picks and why, in one line (the bench prints it)."""
+    chosen = str(resolve_dtype(dtype, device)).replace("torch.", "")
+    if dtype != "auto":
+        return f"{chosen} (model.dtype={dtype})"
+    if device.type == "cuda":
+        return f"{chosen} (model.dtype=auto on a GPU)"
+    features = cpu_bf16_features()
+    why = f"this CPU has {', '.join(features)}" if features else "this CPU has neither amx_bf16 nor avx512_bf16"
+    return f"{chosen} (model.dtype=auto: {why}; set model.dtype=float32 or bfloat16 to choose)"
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
