@@ -27,7 +27,13 @@ from transformers.masking_utils import create_causal_mask
 
 from covipal.errors import CovipalError
 from covipal.pruning.budget import split_budget, visual_budget
-from covipal.pruning.clustering import knn_density_peaks, visual_information_clusters
+from covipal.pruning.clustering import (
+    cutoff_distance,
+    knn_density_peaks,
+    nearest_denser,
+    propagate_labels,
+    visual_information_clusters,
+)
 from covipal.pruning.context import LayerContext
 from covipal.pruning.pdrop import PyramidDropPruner
 from covipal.pruning.pool import PoolPruner, grid_cells
@@ -35,7 +41,7 @@ from covipal.pruning.session import PruningSession
 from covipal.pruning.sparsevlm import SparseVLMPruner, recycle_split, text_raters
 from covipal.pruning.vision_tokens import VisionTokens
 from covipal.pruning.visionzip import VisionZipPruner, contextual_merge
-from covipal.pruning.vitcop import ViTCoPPruner, key_norms
+from covipal.pruning.vitcop import ViTCoPPruner, cluster_selection, group_means, key_norms
 
 PDROP_LAYERS = [0, 4, 8]
 SPARSE_LAYERS = [1, 4, 7]
@@ -480,6 +486,64 @@ def test_tower_attention_received_equals_eager_siglip(tiny_dir, processor):
     assert torch.all(
         (facts.row[0, places][facts.view[0, places] >= 0] > 0) & (facts.row[0, places][facts.view[0, places] >= 0] < 1)
     )
+
+
+def test_vic_pieces_equal_their_plain_definitions():
+    """The vectorised cutoff and label propagation of VIC against the plain definitions: torch.quantile of the
+    off-diagonal distances, and visiting tokens densest first."""
+    torch.manual_seed(0)
+    for trial in range(12):
+        n = int(torch.randint(2, 200, ()))
+        features = torch.randn(n, 8).round() if trial % 2 else torch.randn(n, 8)  # with and without ties
+        distance = torch.cdist(features[None], features[None])[0]
+        before = distance.clone()
+        expected = max(float(torch.quantile(distance[~torch.eye(n, dtype=torch.bool)], 0.02)), 1e-6)
+        assert cutoff_distance(distance) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+        assert torch.equal(distance, before)  # the diagonal is restored
+        density = torch.randint(0, 4, (n,)).float() + torch.rand(n) * (trial % 3)  # ties in density too
+        near = torch.rand(n, n) < 0.3
+        _, parent, has_parent = nearest_denser(density, distance, near)
+        centres = torch.sort(torch.randperm(n)[: max(1, n // 7)]).values
+        labels = torch.full((n,), -1)
+        labels[centres] = torch.arange(len(centres))
+        fallback = distance[:, centres].argmin(1)
+        sequential = labels.clone()
+        for i in torch.argsort(density, descending=True, stable=True).tolist():
+            if sequential[i] < 0:
+                sequential[i] = sequential[parent[i]] if has_parent[i] else fallback[i]
+        assert torch.equal(propagate_labels(labels, parent, has_parent, fallback), sequential)
+
+
+def test_vitcop_stage2_selection_equals_the_cluster_by_cluster_rule():
+    """`cluster_selection` against the rule written cluster by cluster (docs of ViTCoPPruner): same tokens kept,
+    same merged means."""
+    torch.manual_seed(0)
+    for trial in range(60):
+        length = int(torch.randint(1, 200, ()))
+        labels = torch.randint(0, int(torch.randint(1, max(2, length // 2), ())), (length,))
+        norms = torch.rand(length) if trial % 2 else torch.randint(0, 3, (length,)).float()
+        hidden = torch.randn(length, 6, dtype=torch.float64)
+        budget = int(torch.randint(1, length + 1, ()))
+        expected_keep, expected_hidden = torch.zeros(length, dtype=torch.bool), hidden.clone()
+        clusters = [torch.nonzero(labels == c).squeeze(1) for c in torch.unique(labels).tolist()]
+        clusters = sorted(
+            sorted(clusters, key=lambda m: -len(m))[: min(len(clusters), budget)], key=lambda m: int(m[0])
+        )
+        quotas = split_budget([len(m) - 1 for m in clusters], budget - len(clusters))
+        for members, quota in zip(clusters, quotas):
+            order = members[torch.argsort(norms[members], stable=True)]
+            rest = torch.sort(order[quota:]).values
+            expected_keep[order[:quota]] = True
+            expected_keep[rest[(len(rest) - 1) // 2]] = True
+            expected_hidden[rest[(len(rest) - 1) // 2]] = hidden[rest].mean(0)
+        elites, slots, rest, group = cluster_selection(labels, norms, budget)
+        keep = torch.zeros(length, dtype=torch.bool)
+        keep[elites] = True
+        keep[slots] = True
+        merged = hidden.clone()
+        merged[slots] = group_means(hidden[rest], group, len(slots))
+        assert torch.equal(keep, expected_keep) and int(keep.sum()) == min(budget, length)
+        torch.testing.assert_close(merged, expected_hidden)
 
 
 def test_split_budget_is_proportional_and_exact():

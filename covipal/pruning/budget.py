@@ -40,16 +40,18 @@ def split_budget(sizes: list[int], total: int) -> list[int]:
     """Split `total` kept tokens over groups of `sizes` in proportion (largest remainder, ties to the earlier
     group), never more than a group holds. Used to give each crop or frame its share of a sample's budget."""
     total = min(int(total), sum(sizes))
-    if not sizes:
-        return []
     whole = sum(sizes)
+    if not sizes or whole == 0:
+        return [0] * len(sizes)
     exact_shares = [total * size / whole for size in sizes]
     shares = [min(size, int(share)) for size, share in zip(sizes, exact_shares)]
     order = sorted(range(len(sizes)), key=lambda i: (-(exact_shares[i] - int(exact_shares[i])), i))
-    while sum(shares) < total:
+    missing = total - sum(shares)
+    while missing > 0:  # one more for each group in that order that has room, until none is missing
         for i in order:
-            if sum(shares) == total:
+            if missing == 0:
                 break
             if shares[i] < sizes[i]:
                 shares[i] += 1
+                missing -= 1
     return shares

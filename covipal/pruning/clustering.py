@@ -48,12 +48,44 @@ def knn_density_peaks(features: torch.Tensor, clusters: int, k: int = 5) -> torc
 
 
 def cutoff_distance(distance: torch.Tensor, quantile: float = 0.02) -> float:
-    """The usual density-peak rule of thumb: a cutoff that makes about `quantile` of all pairs neighbours."""
+    """The usual density-peak rule of thumb: a cutoff that makes about `quantile` of all pairs neighbours — the
+    `quantile` of the off-diagonal distances, interpolated linearly (as `torch.quantile`, here in double), from
+    the two order statistics around it, found by selection rather than by sorting all n² values: the diagonal is
+    set to −inf for the search (so it holds the n smallest) and restored."""
     n = distance.shape[0]
-    off_diagonal = distance[~torch.eye(n, dtype=torch.bool, device=distance.device)]
-    if off_diagonal.numel() == 0:
+    count = n * (n - 1)
+    if count == 0:
         return 1.0
-    return max(float(torch.quantile(off_diagonal.float(), quantile)), 1e-6)
+    rank = quantile * (count - 1)
+    below = int(rank)
+    diagonal = distance.diagonal().clone()
+    distance.fill_diagonal_(float("-inf"))
+    try:
+        flat = distance.view(-1)
+        low = flat.kthvalue(n + below + 1).values
+        if below + 1 >= count or int((flat <= low).sum()) >= n + below + 2:
+            high = low  # the next order statistic is the same value
+        else:
+            high = flat[flat > low].min()
+    finally:
+        distance.diagonal().copy_(diagonal)
+    low, high = float(low), float(high)
+    return max(low + (rank - below) * (high - low), 1e-6)
+
+
+def propagate_labels(labels: torch.Tensor, parent: torch.Tensor, has_parent: torch.Tensor, fallback: torch.Tensor):
+    """Every unlabelled token (label −1) takes the label at the end of its chain of parents (each parent denser,
+    so chains end): the first labelled token on it, or, where the chain ends at a token with no parent, that
+    token's `fallback`. The same labels as visiting tokens densest first, in log(depth) vectorised steps."""
+    index = torch.arange(len(labels), device=labels.device)
+    labelled = labels >= 0
+    up = torch.where(labelled | ~has_parent, index, parent)
+    while True:
+        further = up[up]
+        if torch.equal(further, up):
+            break
+        up = further
+    return torch.where(labelled, labels, fallback)[up]
 
 
 def visual_information_clusters(
@@ -71,8 +103,10 @@ def visual_information_clusters(
     n = features.shape[0]
     distance = torch.cdist(features.float()[None], features.float()[None])[0]
     d_c = cutoff if cutoff is not None else cutoff_distance(distance)
-    similarity = torch.exp(-((distance / d_c) ** 2))
+    similarity = distance / d_c  # exp(−(d/d_c)²), in place: n² floats are large at video lengths
+    similarity.square_().neg_().exp_()
     density = similarity.sum(1) - similarity.diagonal()
+    del similarity
     near = torch.cdist(places.float()[None], places.float()[None])[0] <= spatial
     if same_view is not None:
         near = near & same_view
@@ -81,9 +115,4 @@ def visual_information_clusters(
     centres = torch.sort(torch.argsort(density * delta, descending=True, stable=True)[:centres_count]).values
     labels = torch.full((n,), -1, dtype=torch.long, device=features.device)
     labels[centres] = torch.arange(centres_count, device=features.device)
-    nearest_centre = distance[:, centres].argmin(1)
-    for i in torch.argsort(density, descending=True, stable=True).tolist():
-        if labels[i] >= 0:
-            continue
-        labels[i] = labels[parent[i]] if bool(has_parent[i]) and labels[parent[i]] >= 0 else nearest_centre[i]
-    return labels
+    return propagate_labels(labels, parent, has_parent, distance[:, centres].argmin(1))

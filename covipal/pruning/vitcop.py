@@ -56,6 +56,46 @@ def vitcop_counts(reserve_ratio: float, vision_keep: float, n_visual: int, S: in
     return k1, k2, max(1, int(k2 * STAGE3_SHARE))
 
 
+def cluster_selection(labels: torch.Tensor, norms: torch.Tensor, budget: int):
+    """Stage II for one sample's visual tokens (in sequence order): keep `budget` of them, one merged token per
+    cluster plus its lowest-norm elites by quota. Clusters beyond the budget (more clusters than `budget`) are
+    dropped, smallest first (ties: the larger label); the quotas split the rest of the budget over the clusters, in
+    the order of their first token, in proportion to their size − 1 (`split_budget`). Returns, as indices into the
+    tokens: the elites, each cluster's slot (the median position of its non-elite rest), the rests, and each rest
+    token's cluster (0.. in slot order)."""
+    ids, cluster_of, sizes = torch.unique(labels, return_inverse=True, return_counts=True)
+    groups = min(len(ids), budget)
+    position = torch.arange(len(labels), device=labels.device)
+    chosen = torch.sort(-sizes, stable=True).indices[:groups]  # the largest; ties to the smaller label
+    first = torch.full_like(sizes, len(labels)).scatter_reduce_(0, cluster_of, position, "amin")
+    chosen = chosen[torch.argsort(first[chosen])]  # in the order of their first token
+    group_of = torch.full_like(sizes, -1)
+    group_of[chosen] = torch.arange(groups, device=labels.device)
+    group = group_of[cluster_of]  # each token's chosen cluster, −1 where its cluster is dropped
+    counts = sizes[chosen]
+    quotas = torch.tensor(split_budget((counts - 1).tolist(), budget - groups), device=labels.device)
+    members = position[group >= 0]
+    order = members[torch.argsort(norms[members], stable=True)]  # by key norm, ties by position
+    order = order[torch.sort(group[order], stable=True).indices]  # ... within each cluster, clusters in order
+    starts = torch.cumsum(counts, 0) - counts
+    is_elite = torch.arange(len(order), device=labels.device) - starts[group[order]] < quotas[group[order]]
+    rest = torch.sort(order[~is_elite]).values  # by position ...
+    rest = rest[torch.sort(group[rest], stable=True).indices]  # ... within each cluster
+    rest_counts = counts - quotas  # at least 1: a quota never takes a whole cluster
+    slots = rest[torch.cumsum(rest_counts, 0) - rest_counts + (rest_counts - 1) // 2]
+    return order[is_elite], slots, rest, group[rest]
+
+
+def group_means(hidden: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups, d]: the mean of the rows of `hidden` in each group, accumulated in at least float32."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    sums = torch.zeros(groups, hidden.shape[-1], dtype=dtype, device=hidden.device).index_add_(
+        0, group, hidden.to(dtype)
+    )
+    counts = torch.bincount(group, minlength=groups).to(dtype)
+    return (sums / counts[:, None]).to(hidden.dtype)
+
+
 class ViTCoPPruner:
     def __init__(
         self,
@@ -155,21 +195,12 @@ class ViTCoPPruner:
             visual = torch.nonzero(context.visual[b]).squeeze(1)
             if visual.numel() == 0:
                 continue
-            budget = int(self._counts[b, 1])
-            token_labels = labels[b, visual]
-            clusters = [visual[token_labels == c] for c in torch.unique(token_labels).tolist()]
-            groups = min(len(clusters), budget)
-            # Clusters beyond the budget (more clusters than k2): the smallest are merged into nothing and dropped.
-            clusters = sorted(clusters, key=lambda members: -len(members))[:groups]
-            clusters = sorted(clusters, key=lambda members: int(members[0]))
-            elites = split_budget([len(members) - 1 for members in clusters], budget - groups)
-            for members, quota in zip(clusters, elites):
-                order = members[torch.argsort(norms[b, members], stable=True)]
-                keep[b, order[:quota]] = True
-                rest = torch.sort(order[quota:]).values
-                slot = rest[(len(rest) - 1) // 2]
-                keep[b, slot] = True
-                hidden[b, slot] = context.hidden_states[b, rest].mean(0)
+            elites, slots, rest, rest_group = cluster_selection(
+                labels[b, visual], norms[b, visual], int(self._counts[b, 1])
+            )
+            keep[b, visual[elites]] = True
+            keep[b, visual[slots]] = True
+            hidden[b, visual[slots]] = group_means(context.hidden_states[b, visual[rest]], rest_group, len(slots))
         return Merge(keep, hidden)
 
     def _stage3(self, context: LayerContext) -> torch.Tensor:
