@@ -54,8 +54,12 @@ class CoViPALPruner:
                 f"the PPM reads width {self.ppm.config.input_size} but this model's LLM width is {width}; "
                 "use a classifier trained for this model"
             )
-        parameter = next(model.parameters())
-        self.ppm.to(device=parameter.device, dtype=parameter.dtype).eval()  # the model's precision (bf16 on GPU)
+        parameter, own = next(model.parameters()), next(self.ppm.parameters())
+        if (own.device, own.dtype) != (parameter.device, parameter.dtype):  # the model's precision (bf16 on GPU)
+            self.ppm.to(device=parameter.device, dtype=parameter.dtype)
+        # (moving it when it is already there still rewrites every weight, and the next forward's matrix products
+        # on CPU then run at half speed: a cost every session entry would pay, measured in docs/efficiency.md)
+        self.ppm.eval()
 
     def scores(self, context: LayerContext) -> torch.Tensor:
         """PPM scores [B, T] of every token (the session only uses the visual ones)."""
