@@ -94,7 +94,7 @@ class PrunedVLM(BaseModel):
         and counted, instead of stopping the run."""
 
         def guarded(line):
-            self._row_index = line.get("index")
+            self._row_index, self._unreadable = line.get("index"), None
             try:
                 return dump_image(line)
             except DECODE_ERRORS as error:
