@@ -512,6 +512,11 @@ def test_vic_pieces_equal_their_plain_definitions():
             if sequential[i] < 0:
                 sequential[i] = sequential[parent[i]] if has_parent[i] else fallback[i]
         assert torch.equal(propagate_labels(labels, parent, has_parent, fallback), sequential)
+    # past a million pairs (n = 1,500 here) every third token's distances stand for all pairs: near the exact value
+    features = torch.randn(1500, 8)
+    distance = torch.cdist(features[None], features[None])[0]
+    reference = torch.quantile(distance[~torch.eye(1500, dtype=torch.bool)][::4], 0.02)  # a quarter: torch.quantile takes ≤ 16M
+    assert cutoff_distance(distance) == pytest.approx(float(reference), rel=0.02)
 
 
 def test_vitcop_stage2_selection_equals_the_cluster_by_cluster_rule():
