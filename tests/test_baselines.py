@@ -515,7 +515,9 @@ def test_vic_pieces_equal_their_plain_definitions():
     # past a million pairs (n = 1,500 here) every third token's distances stand for all pairs: near the exact value
     features = torch.randn(1500, 8)
     distance = torch.cdist(features[None], features[None])[0]
-    reference = torch.quantile(distance[~torch.eye(1500, dtype=torch.bool)][::4], 0.02)  # a quarter: torch.quantile takes ≤ 16M
+    reference = torch.quantile(
+        distance[~torch.eye(1500, dtype=torch.bool)][::4], 0.02
+    )  # a quarter: quantile takes ≤ 16M
     assert cutoff_distance(distance) == pytest.approx(float(reference), rel=0.02)
 
 
