@@ -76,6 +76,6 @@ def _job(request: dict) -> dict:
 def measure_in_fresh_processes(requests: list[dict]) -> list[dict]:
     """One new process per request (a pool that retires each worker after one task)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["covipal.efficiency.build"])
+    context.set_forkserver_preload(["covipal.efficiency.memory"])  # and what it imports
     with context.Pool(processes=1, maxtasksperchild=1) as pool:
         return pool.map(_job, requests, chunksize=1)
