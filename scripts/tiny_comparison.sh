@@ -7,6 +7,7 @@
 #   bash scripts/tiny_comparison.sh                         # everything
 #   PHASES="baselines" bash scripts/tiny_comparison.sh      # one or more of: modes paper ablations baselines report
 #   RUN=outputs/comparison/mine QUESTIONS=200 SEEDS=0 bash scripts/tiny_comparison.sh
+#   PHASES=ablations VARIANTS="k0.01 sigmoid" bash scripts/tiny_comparison.sh   # some stage-2 ablations only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -16,6 +17,8 @@ SEEDS="${SEEDS:-0,1,2}"
 PHASES="${PHASES:-modes paper ablations baselines report}"
 MODES="${MODES:-literal text_after_visual question last_prompt last}"
 BEST="${BEST:-question}"   # the label mode the k ablation uses
+VARIANTS="${VARIANTS:-all}"   # the stage-2 ablations to run, by name (k0.01 k0.1 sigmoid sigmoid_lr1e-3 lr1e-3 constant_tau)
+SUM_MODES="${SUM_MODES-text_after_visual question last_prompt last}"   # modes whose sum labels the paper phase trains
 QUIET=(train.progress=false logger.wandb=disabled)
 EVAL=(num_samples="$QUESTIONS" "hydra.sweep.dir=$RUN/eval")
 PER_SEED='hydra.sweep.subdir=s${seed}'
@@ -53,7 +56,7 @@ for phase in $PHASES; do
     evaluate literal_sum_stage1 "$RUN/train/literal_sum/stage1" 0.5,0.25
     evaluate literal_sum_sigmoid_stage2 "$RUN/train/literal_sum_sigmoid/stage2" 0.5,0.25
     evaluate literal_sum_stage2 "$RUN/train/literal_sum/stage2" 0.5,0.25
-    for mode in text_after_visual question last_prompt last; do
+    for mode in $SUM_MODES; do
       SEEDS=0 stage1 "${mode}_sum" stage1.query_rows="$mode" stage1.reduce=sum
       SEEDS=0 evaluate "${mode}_sum_stage1" "$RUN/train/${mode}_sum/stage1" 0.25
     done ;;
@@ -64,6 +67,7 @@ for phase in $PHASES; do
               "constant_tau stage2.final_temperature=null")
     for variant in "${variants[@]}"; do
       read -r name overrides <<< "$variant"
+      [[ " $VARIANTS " == *" $name "* || $VARIANTS == all ]] || continue
       # shellcheck disable=SC2086
       stage2 "${BEST}_$name" "$BEST" $overrides
       evaluate "${BEST}_stage2_$name" "$RUN/train/${BEST}_$name/stage2" 0.25
