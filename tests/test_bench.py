@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,44 @@ def test_tiny_bench_writes_every_figure(tmp_path):
     text = (run_dir / "bench.md").read_text()
     assert text.count("| covipal | 0.25 |") == 2 and "infeasible" in text
     assert (run_dir / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "given, named",
+    [
+        (["video 32f"], "bench input 'video 32f' is not a mapping"),
+        ([{"kind": "video", "frames": 0}], "frames=0 must be a positive integer"),
+        ([{"kind": "image", "size": [64]}], "size=[64] must be [height, width]"),
+        ({"kind": "audio"}, "kind='audio'"),
+    ],
+)
+def test_bad_bench_input_is_one_line_before_the_model_loads(given, named):
+    from omegaconf import OmegaConf
+
+    from covipal.efficiency.run import bench_inputs
+    from covipal.errors import CovipalError
+
+    cfg = OmegaConf.create({"inputs": given, "input_sets": {}})
+    with pytest.raises(CovipalError, match=re.escape(named)) as error:
+        bench_inputs(cfg, "")
+    assert "\n" not in str(error.value) and "inputs=[{kind:" in str(error.value)
+
+
+def test_bad_bench_input_through_the_cli(tmp_path):
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "covipal.bench", "inputs=[video 32f]", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: bench input 'video 32f' is not a mapping; "
+        + "e.g. inputs=[{kind:image,size:[768,768]},{kind:video,frames:32}]"
+    ]
+    assert not (tmp_path / "cache").exists()  # refused before the tiny model is built

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from covipal.api import build_model
 from covipal.efficiency.build import make_pruner
 from covipal.efficiency.flops import decode_flops_per_token, llm_prefill_flops, ppm_flops, vision_flops
-from covipal.efficiency.inputs import build_input, input_name
+from covipal.efficiency.inputs import build_input, check_input, input_name
 from covipal.efficiency.measure import bare_reference, encode, measure, prime
 from covipal.efficiency.memory import measure_in_fresh_processes, one_memory_measurement
 from covipal.errors import CovipalError
@@ -29,9 +29,13 @@ def jobs(cfg: DictConfig) -> list[tuple[str, float]]:
 def bench_inputs(cfg: DictConfig, model_name: str) -> list[dict]:
     """`inputs`, or the input set named after the model (the real models' set for any other)."""
     if cfg.inputs is not None:
-        return OmegaConf.to_container(cfg.inputs, resolve=True)
-    sets = OmegaConf.to_container(cfg.input_sets, resolve=True)
-    return sets.get(model_name, sets["real"])
+        specs = OmegaConf.to_container(cfg.inputs, resolve=True)
+    else:
+        sets = OmegaConf.to_container(cfg.input_sets, resolve=True)
+        specs = sets.get(model_name, sets["real"])
+    if not isinstance(specs, list):
+        specs = [specs]
+    return [check_input(spec) for spec in specs]
 
 
 def summary(values: list[float]) -> dict:
@@ -46,11 +50,13 @@ def summary(values: list[float]) -> dict:
 def run_bench(cfg: DictConfig, overrides: list[str], on_input=None) -> tuple[list[dict], object]:
     """Every method on every input; returns the result rows and the loaded model. `on_input(rows, loaded)` runs
     after each input (the entry point writes its files there, so a long run keeps what it has measured)."""
+    given = bench_inputs(cfg, "") if cfg.inputs is not None else None  # checked before the model loads
     loaded = build_model(cfg)
+    specs = given or bench_inputs(cfg, loaded.name)
     model = loaded.model
     torch.manual_seed(cfg.seed)
     rows: list[dict] = []
-    for spec in bench_inputs(cfg, loaded.name):
+    for spec in specs:
         name = input_name(spec)
         encoded = encode(model, build_input(loaded, spec))  # timed once: the tower's cost is large and steady
         pruners, problems = {}, {}
