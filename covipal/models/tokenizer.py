@@ -23,6 +23,22 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, "<unk>"]
 
+# Qwen2.5-VL's placeholders: each image or video sits between vision start and end markers.
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+QWEN_SPECIAL_TOKENS = [
+    PAD_TOKEN,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    QWEN_IMAGE_TOKEN,
+    QWEN_VIDEO_TOKEN,
+    "<unk>",
+]
+
 # Same shape as the Qwen2 template LLaVA-OneVision uses: content is a list of {"type": "text"|"image"|"video"}.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,6 +54,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
 )
 
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("'<image> '", f"'{VISION_START}{QWEN_IMAGE_TOKEN}{VISION_END} '").replace(
+    "'<video> '", f"'{VISION_START}{QWEN_VIDEO_TOKEN}{VISION_END} '"
+)
+
 BASE_WORDS = (
     "user assistant system yes no a an the is are of at in on to what which where how many color colour shape "
     "object objects image video frame first last left right top bottom middle center centre above below "
@@ -48,11 +68,17 @@ BASE_WORDS = (
 ).split()
 
 
-def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Build a fast tokenizer over `words` (+ characters), with LLaVA-OneVision's special tokens and template."""
+def build_word_tokenizer(words: list[str] | None = None, placeholders: str = "llava") -> PreTrainedTokenizerFast:
+    """Build a fast tokenizer over `words` (+ characters), with the special tokens and chat template of
+    LLaVA-OneVision (`placeholders="llava"`: <image>, <video>) or Qwen2.5-VL ("qwen": <|image_pad|> and
+    <|video_pad|> between vision start and end markers)."""
+    if placeholders not in ("llava", "qwen"):
+        raise ValueError(f"placeholders={placeholders!r}: use llava or qwen")
+    qwen = placeholders == "qwen"
+    special = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
     vocab: dict[str, int] = {}
     characters = [*string.ascii_lowercase, *string.ascii_uppercase, *string.digits, *string.punctuation]
-    for token in [*SPECIAL_TOKENS, *characters, *("##" + c for c in characters)]:
+    for token in [*special, *characters, *("##" + c for c in characters)]:
         vocab.setdefault(token, len(vocab))
     for word in [*BASE_WORDS, *(words or [])]:
         vocab.setdefault(word.lower(), len(vocab))
@@ -64,8 +90,8 @@ def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerF
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
         unk_token="<unk>",
-        additional_special_tokens=[IM_START, IMAGE_TOKEN, VIDEO_TOKEN],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in special if t not in (PAD_TOKEN, IM_END, "<unk>")],
+        chat_template=QWEN_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE,
         padding_side="left",
         model_max_length=1 << 16,
     )

@@ -27,7 +27,7 @@ class LayerContext:
     previous_hidden_states: torch.Tensor | None  # input of `layer - 1`, same tokens; None at layer 0
     visual: torch.Tensor  # [B, T] bool
     attention_mask: torch.Tensor  # [B, T] bool, False for padding
-    position_ids: torch.Tensor  # [B, T] original positions
+    position_ids: torch.Tensor  # [B, T] original positions ([3, B, T] for M-RoPE: temporal, height, width)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # rotary (cos, sin); None at layer 0
     n_visual: torch.Tensor  # [B] visual tokens of the unpruned input
     language_model: nn.Module

@@ -41,6 +41,15 @@ class Compaction:
             tensor = tensor.expand(index.shape[0], *tensor.shape[1:])
         return tensor.gather(dim, index)
 
+    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Gather position ids [B, T], or [k, B, T] (M-RoPE's axes), into the compacted layout."""
+        if positions.dim() == 2:
+            return self.gather(positions)
+        rows = positions.shape[0]
+        batch, width = self.index.shape
+        positions = positions.expand(rows, batch, positions.shape[-1])
+        return positions.gather(-1, self.index.expand(rows, batch, width))
+
     def gather_mask(self, mask: torch.Tensor) -> torch.Tensor:
         return self.gather(mask) & self.valid
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from covipal.errors import CovipalError
+from covipal.models.families import family_of, visual_mask
 from covipal.pruning.context import LayerContext, Merge, Pruner
 from covipal.pruning.sequence import Compaction
 
@@ -36,7 +37,7 @@ class Stage:
     compaction: Compaction | None  # from the original sequence; None = nothing dropped yet
     mask2d: torch.Tensor  # [B, L] bool, valid non-padding tokens
     visual: torch.Tensor  # [B, L] bool
-    position_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L], or [3, B, L] for M-RoPE families
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     layer_mask: object = None  # attention mask for layers of this stage, in the backend's form
     local: Compaction | None = None  # from the previous stage
@@ -115,6 +116,7 @@ class PruningSession:
         self.language_model = self.multimodal.language_model
         self.layers = self.language_model.layers
         self.config = model.config
+        self.family = family_of(model)
         self._handles: list = []
         self._pending_visual: torch.Tensor | None = None
         self._record: PrefillRecord | None = None
@@ -188,7 +190,7 @@ class PruningSession:
             embeds = kwargs.get("inputs_embeds")
             self._pending_visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         else:
-            self._pending_visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+            self._pending_visual = visual_mask(self.config, input_ids)
         return None
 
     def _multimodal_done(self, module, args, output):
@@ -209,10 +211,7 @@ class PruningSession:
         if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
             raise CovipalError("pruning needs a 2D attention_mask (padding mask); got a prepared 4D mask")
         mask2d = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=embeds.device)[None]
-        position_ids = position_ids.expand(batch, length)
+        position_ids = self.family.prefill_positions(kwargs.get("position_ids"), batch, length, embeds.device)
         n_visual = (visual & mask2d).sum(1)
         stage = Stage(0, None, mask2d, visual & mask2d, position_ids)
         self._record = PrefillRecord(n_visual=n_visual, stages=[stage], num_layers=len(self.layers), length=length)
@@ -264,9 +263,12 @@ class PruningSession:
         kwargs["attention_mask"] = torch.cat([entry.mask2d, suffix], dim=1).to(
             mask.dtype if mask is not None else torch.long
         )
-        if kwargs.get("position_ids") is None:  # new tokens follow the original length
-            start = record.length + suffix.shape[1] - steps
-            kwargs["position_ids"] = (torch.arange(steps, device=embeds.device) + start)[None].expand(batch, steps)
+        start = record.length + suffix.shape[1] - steps  # new tokens follow the original length
+        positions = self.family.decode_positions(
+            self.multimodal, kwargs.get("position_ids"), mask, start, steps, batch, embeds.device
+        )
+        if positions is not None:
+            kwargs["position_ids"] = positions
         return (), kwargs
 
     def _make_layer_hook(self, index: int):
@@ -318,7 +320,7 @@ class PruningSession:
             **kwargs,
             "attention_mask": stage.layer_mask,
             "position_embeddings": stage.position_embeddings,
-            "position_ids": stage.position_ids,
+            "position_ids": self.family.layer_position_ids(stage.position_ids),
         }
         return (hidden, *args[1:]), kwargs
 
@@ -354,7 +356,7 @@ class PruningSession:
             compaction=local if stage.compaction is None else stage.compaction.compose(local),
             mask2d=local.gather_mask(stage.mask2d),
             visual=local.gather_mask(stage.visual),
-            position_ids=local.gather(stage.position_ids),
+            position_ids=local.gather_positions(stage.position_ids),
             position_embeddings=embeddings,
             local=local,
         )
