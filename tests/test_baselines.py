@@ -474,7 +474,7 @@ def test_tower_attention_received_equals_eager_siglip(tiny_dir, processor):
     with torch.no_grad():
         tower = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True)
     facts = tokens.facts()
-    from covipal.pruning.vision_tokens import scoring_layer
+    from covipal.models.families.llava_onevision import scoring_layer
 
     attentions = tower.attentions[scoring_layer(model)]  # [crops, H, n, n]
     received = attentions.mean(dim=(1, 2))  # per crop: mean over heads and query rows

@@ -1,9 +1,22 @@
 """LLaVA-OneVision (and LLaVA-Video, the same classes): SigLIP tower, anyres crops with newline tokens, video
-frames pooled 2×2; the LLM (Qwen2) takes 1D positions [B, T]."""
+frames pooled 2×2; the LLM (Qwen2) takes 1D positions [B, T].
+
+Tower facts for vision-side pruners: the scoring layer is the one that produced the features the projector reads
+(`vision_feature_layer`; when those are the patch embeddings, the first layer, which reads them). Rather than
+re-derive the LLM's layout of crops (anyres unpadding, down-sampling of large images, newline tokens, video
+pooling), per-token facts are written as channels of a per-crop tensor and pushed through the model's own
+`pack_image_features` / `apply_pooling`, which place each channel exactly where the features go."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+
+from covipal.models.families.rows import NEWLINE, VIDEO_VIEWS
 
 MODEL_TYPE = "llava_onevision"
 
@@ -33,5 +46,134 @@ class LlavaOneVision:
             return None
         return (torch.arange(steps, device=device) + start)[None].expand(batch, steps)
 
+    # -- the vision tower's facts ------------------------------------------------------------------------------
+    @staticmethod
+    def scoring_module(model: nn.Module) -> nn.Module:
+        return model.model.vision_tower.encoder.layers[scoring_layer(model)]
+
+    @staticmethod
+    def tower_attention(layer: nn.Module, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return tower_attention(layer, hidden)
+
+    @staticmethod
+    def tower_layout(kind: str, found: dict) -> dict:
+        """What the model's get_image_features / get_video_features (locals `found`) were given."""
+        if kind == "images":
+            return {"image_sizes": found["image_sizes"], "batch_num_images": found.get("batch_num_images")}
+        return {"shape": (int(found["batch_size"]), int(found["frames"]))}
+
+    @staticmethod
+    def token_rows(model: nn.Module, kind: str, encoded: dict, with_keys: bool, device) -> torch.Tensor:
+        """[n, 4 (+ key width)] rows of view, row, col, score (, key) for the LLM's tokens of `kind`, in order."""
+        build = _image_channels if kind == "images" else _video_channels
+        return torch.cat(build(model, encoded, with_keys, device), dim=0)
+
 
 ADAPTER = LlavaOneVision()
+
+
+def scoring_layer(model: nn.Module) -> int:
+    """Index of the tower layer whose attention scores the features the projector reads."""
+    layers = len(model.model.vision_tower.encoder.layers)
+    feature_layer = model.config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        feature_layer = feature_layer[-1]
+    hidden_index = feature_layer % (layers + 1)  # hidden_states[0] = embeddings, [i] = output of layer i-1
+    return max(hidden_index - 1, 0)
+
+
+def tower_attention(layer: nn.Module, hidden: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention received [N, n] averaged over heads and query rows, keys [N, n, head_dim] averaged over heads)
+    of a SigLIP encoder layer for its input `hidden` [N, n, D]; query rows are taken `chunk` at a time."""
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    crops, length, _ = normed.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    key = attn.k_proj(normed).view(crops, length, heads, head_dim).transpose(1, 2).float()
+    received = torch.zeros(crops, length, dtype=torch.float32, device=hidden.device)
+    for start in range(0, length, chunk):
+        rows = normed[:, start : start + chunk]
+        query = attn.q_proj(rows).view(crops, rows.shape[1], heads, head_dim).transpose(1, 2).float()
+        probabilities = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)
+        received += probabilities.sum(dim=(1, 2))
+    return received / (heads * length), key.mean(1)
+
+
+def _channels(crops: int, side: int, received, keys, views: torch.Tensor, with_keys: bool, grid=None) -> torch.Tensor:
+    """[crops, side², C] per-crop channels; `grid[c]` = (row offset, col offset, rows, cols) in crop units."""
+    device = views.device
+    index = torch.arange(side, device=device, dtype=torch.float32)
+    rows = index[:, None].expand(side, side).reshape(-1)
+    cols = index[None, :].expand(side, side).reshape(-1)
+    parts = []
+    for crop in range(crops):
+        r0, c0, n_rows, n_cols = grid[crop] if grid is not None else (0, 0, 1, 1)
+        row = (r0 * side + rows + 0.5) / (n_rows * side)
+        col = (c0 * side + cols + 0.5) / (n_cols * side)
+        parts.append(torch.stack([views[crop].float().expand(side * side), row, col], dim=-1))
+    channels = [torch.stack(parts)]
+    score = received if received is not None else torch.zeros(crops, side * side, device=device)
+    channels.append(score[..., None].float())
+    if with_keys:
+        channels.append(keys.float())
+    return torch.cat(channels, dim=-1)
+
+
+def _image_channels(model: nn.Module, encoded: dict, with_keys: bool, device) -> list[torch.Tensor]:
+    config = model.config
+    received, keys = encoded["received"], encoded["keys"]
+    sizes = encoded["image_sizes"]
+    counts = encoded["batch_num_images"]
+    patching = [True] * len(sizes) if counts is None else [n == 1 for n in counts for _ in range(n)]
+    crop_counts = [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if patch else 1
+        for size, patch in zip(sizes, patching)
+    ]
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per_image, start = [], 0
+    for image, crops in enumerate(crop_counts):
+        grid = [(0, 0, 1, 1)]
+        if crops > 1:
+            grid_h, grid_w = get_anyres_image_grid_shape(
+                sizes[image], config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            grid += [(i // grid_w, i % grid_w, grid_h, grid_w) for i in range(crops - 1)]
+        views = torch.tensor([2 * image] + [2 * image + 1] * (crops - 1), device=sizes.device)
+        piece = slice(start, start + crops)
+        per_image.append(
+            _channels(
+                crops,
+                side,
+                None if received is None else received[piece],
+                None if keys is None else keys[piece],
+                views,
+                with_keys,
+                grid,
+            )
+        )
+        start += crops
+    sentinel = _sentinel(per_image[0])
+    packed, _ = model.model.pack_image_features(
+        per_image, sizes, image_newline=sentinel, vision_aspect_ratio=config.vision_aspect_ratio
+    )
+    return packed
+
+
+def _video_channels(model: nn.Module, encoded: dict, with_keys: bool, device) -> list[torch.Tensor]:
+    config = model.config
+    received, keys = encoded["received"], encoded["keys"]
+    videos, frames = encoded["shape"]
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    views = VIDEO_VIEWS + torch.arange(videos * frames, device=device)
+    channels = _channels(videos * frames, side, received, keys, views, with_keys)
+    pooled = model.model.apply_pooling(channels)  # the same bilinear pooling the features get
+    pooled = pooled.reshape(videos, -1, pooled.shape[-1])
+    sentinel = _sentinel(pooled)
+    return [torch.cat([video, sentinel[None]], dim=0) for video in pooled]
+
+
+def _sentinel(like: torch.Tensor) -> torch.Tensor:
+    sentinel = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
+    sentinel[:3] = NEWLINE
+    return sentinel

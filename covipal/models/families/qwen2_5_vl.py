@@ -1,10 +1,23 @@
 """Qwen2.5-VL: a windowed ViT whose 2×2 patch merger makes each visual token, images at native resolution and
 videos in pairs of frames; the LLM takes 3D rotary positions (M-RoPE: temporal, height, width) [3, B, T], and
-decoding continues them from the original sequence by a per-sample `rope_deltas` the model keeps."""
+decoding continues them from the original sequence by a per-sample `rope_deltas` the model keeps.
+
+Tower facts for vision-side pruners: the scoring layer is the last ViT block (its output is what the merger
+reads), a full-attention block in Qwen2.5-VL's layout. Its attention is taken within each image or video, as the
+block computes it; the tower's patches run in window order, and the four patches of a visual token are
+contiguous in it, so a token's facts are the mean of its four patches', put back in the LLM's order with the
+inverse of the model's window permutation. Views: each image, and each temporal slice (a pair of frames) of a
+video; row and col are the token's centre on its grid of merged tokens; no newline tokens."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from torch import nn
+from transformers.vision_utils import get_vision_window_index
+
+from covipal.models.families.rows import VIDEO_VIEWS
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -47,6 +60,76 @@ class Qwen25VL:
         deltas = multimodal.rope_deltas
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device) if deltas is None else deltas.to(device)
         return (text + deltas.expand(batch, 1))[None].expand(3, batch, steps)
+
+    # -- the vision tower's facts ------------------------------------------------------------------------------
+    @staticmethod
+    def scoring_module(model: nn.Module) -> nn.Module:
+        return model.model.visual.blocks[-1]
+
+    @staticmethod
+    def tower_attention(block: nn.Module, args, kwargs, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention received [seq] averaged over heads and the query rows of its image, keys [seq, head_dim]
+        averaged over heads) of a ViT block for its input, in the tower's (window) order."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"]
+        attn = block.attn
+        normed = block.norm1(hidden)
+        length = normed.shape[0]
+        query, key, _ = attn.qkv(normed).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        query, key = rotate(query, key, cos, sin)
+        query, key = query.transpose(0, 1).float(), key.transpose(0, 1).float()  # [heads, seq, d]
+        received = torch.zeros(length, dtype=torch.float32, device=hidden.device)
+        bounds = cu_seqlens.tolist()
+        for begin, end in zip(bounds[:-1], bounds[1:]):
+            keys = key[:, begin:end]
+            for start in range(begin, end, chunk):
+                rows = query[:, start : min(start + chunk, end)]
+                probabilities = torch.softmax(rows @ keys.transpose(-1, -2) * attn.scaling, dim=-1)
+                received[begin:end] += probabilities.sum(dim=(0, 1)) / (attn.num_heads * (end - begin))
+        return received, key.mean(0)
+
+    @staticmethod
+    def tower_layout(kind: str, found: dict) -> dict:
+        """The grids (t, h, w in patches) the model's get_image_features / get_video_features were given."""
+        return {"grid_thw": found["image_grid_thw" if kind == "images" else "video_grid_thw"]}
+
+    @staticmethod
+    def token_rows(model: nn.Module, kind: str, encoded: dict, with_keys: bool, device) -> torch.Tensor:
+        """[n, 4 (+ key width)] rows of view, row, col, score (, key) for the LLM's tokens of `kind`, in order."""
+        vision = model.config.vision_config
+        grids = encoded["grid_thw"]
+        merge = vision.spatial_merge_size
+        window_index, _ = get_vision_window_index(grids, merge, vision.window_size, vision.patch_size)
+        order = torch.argsort(window_index.to(device))  # the tower's window order -> the LLM's
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:  # [seq, ...] patches -> [tokens, ...] in LLM order
+            return values.reshape(-1, merge * merge, *values.shape[1:]).mean(1)[order]
+
+        parts, view = [], 0 if kind == "images" else VIDEO_VIEWS
+        for t, h, w in grids.tolist():
+            height, width = h // merge, w // merge
+            rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+            cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+            for _ in range(t):
+                place = torch.stack(
+                    [
+                        torch.full((height * width,), float(view), device=device),
+                        rows[:, None].expand(height, width).reshape(-1),
+                        cols[None, :].expand(height, width).reshape(-1),
+                    ],
+                    dim=-1,
+                )
+                parts.append(place)
+                view += 1
+        places = torch.cat(parts)
+        received = encoded["received"]
+        score = per_token(received.to(device)) if received is not None else torch.zeros(len(places), device=device)
+        columns = [places, score[:, None]]
+        if with_keys:
+            columns.append(per_token(encoded["keys"].to(device)))
+        return torch.cat(columns, dim=-1)
 
 
 ADAPTER = Qwen25VL()

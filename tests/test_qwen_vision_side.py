@@ -1,0 +1,165 @@
+"""Vision-side pruners on the tiny Qwen2.5-VL: the tower facts laid out over the LLM's merged visual tokens (views
+per image and per pair of frames, rows and columns on the merged grid, the tower's window order undone), budgets
+split by Qwen's grids, a padded batch equal to each sample alone, generate keeping what a forward keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image
+from pruning_helpers import floor_budget, hook_counts
+from qwen_helpers import QWEN_LAYERS, qwen_inputs, qwen_model, qwen_processor, qwen_prompt
+from transformers.vision_utils import get_vision_window_index
+
+from covipal.models.families import visual_mask
+from covipal.models.families.rows import VIDEO_VIEWS
+from covipal.pruning.pool import PoolPruner
+from covipal.pruning.session import PruningSession
+from covipal.pruning.vision_tokens import VisionTokens
+from covipal.pruning.visionzip import VisionZipPruner
+from covipal.pruning.vitcop import ViTCoPPruner, vitcop_counts
+
+VITCOP_LAYERS = [1, 3]
+METHODS = ["visionzip", "vitcop", "pool"]
+
+
+def make(name: str, ratio: float):
+    if name == "visionzip":
+        return VisionZipPruner(ratio)
+    if name == "vitcop":
+        return ViTCoPPruner(ratio, layers=VITCOP_LAYERS)
+    if name == "pool":
+        return PoolPruner(ratio)
+    raise ValueError(name)
+
+
+def run(model, pruner, inputs):
+    with torch.no_grad(), PruningSession(model, pruner) as session:
+        logits = model(**inputs).logits
+    return session.record, logits
+
+
+def facts_of(model, inputs):
+    tokens = VisionTokens(with_attention=True, with_keys=True)
+    handles = tokens.attach(model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens.facts()
+
+
+def test_token_facts_follow_qwens_merged_grids():
+    model = qwen_model()
+    inputs = qwen_inputs("image")  # 64 x 96 pixels -> 8 x 12 patches -> 4 x 6 visual tokens
+    facts = facts_of(model, inputs)
+    visual = visual_mask(model.config, inputs["input_ids"])[0]
+    assert tuple(inputs["image_grid_thw"][0].tolist()) == (1, 8, 12) and int(visual.sum()) == 24
+    rows = (torch.arange(4).float() + 0.5) / 4
+    cols = (torch.arange(6).float() + 0.5) / 6
+    assert torch.equal(facts.view[0, visual], torch.zeros(24, dtype=torch.long))
+    assert torch.allclose(facts.row[0, visual], rows[:, None].expand(4, 6).reshape(-1))
+    assert torch.allclose(facts.col[0, visual], cols[None, :].expand(4, 6).reshape(-1))
+    assert (facts.view[0, ~visual] == -1).all()
+    # each image's patches share its attention: the tokens' scores (means of four patches) sum to 1/4
+    torch.testing.assert_close(facts.score[0, visual].sum(), torch.tensor(0.25), atol=1e-5, rtol=0)
+
+    video = qwen_inputs("video")  # 8 frames of 32 x 32 -> 4 pairs of frames, 2 x 2 tokens each
+    facts = facts_of(model, video)
+    visual = visual_mask(model.config, video["input_ids"])[0]
+    assert facts.view[0, visual].tolist() == [VIDEO_VIEWS + t for t in range(4) for _ in range(4)]
+    for t in range(4):  # every pair of frames attends within the video: scores over the video sum to 1/4
+        assert torch.allclose(facts.row[0, visual][4 * t : 4 * t + 4], torch.tensor([0.25, 0.25, 0.75, 0.75]))
+
+
+def test_the_window_order_is_undone_as_the_model_undoes_it():
+    """The merger's output, put in the LLM's order by the model, equals the merger applied to the tower's last
+    hidden states reordered the way the adapter reorders the facts (argsort of the window index)."""
+    model = qwen_model()
+    inputs = qwen_inputs("batch")
+    visual = model.model.visual
+    with torch.no_grad():
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        vision = model.config.vision_config
+        window_index, _ = get_vision_window_index(
+            inputs["image_grid_thw"], vision.spatial_merge_size, vision.window_size, vision.patch_size
+        )
+        assert not torch.equal(window_index, torch.arange(len(window_index)))  # the permutation is not trivial
+        again = visual.merger(out.last_hidden_state)[torch.argsort(window_index)]
+    torch.testing.assert_close(again, out.pooler_output, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "batch"])
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+@pytest.mark.parametrize("name", METHODS)
+def test_budgets_count_qwens_merged_tokens(name, ratio, kind):
+    inputs = qwen_inputs(kind)
+    pruner = make(name, ratio)
+    record, logits = run(qwen_model(), pruner, inputs)
+    assert torch.isfinite(logits).all()
+    n_visual = visual_mask(qwen_model().config, inputs["input_ids"]).sum(1).tolist()
+    for b, n in enumerate(n_visual):
+        if name == "vitcop":
+            S, D = VITCOP_LAYERS
+            k1, k2, k3 = vitcop_counts(ratio, pruner.solved_vision_keep, n, S, D, QWEN_LAYERS)
+            want = [k1] * S + [k2] * (D - S) + [k3] * (QWEN_LAYERS - D)
+        else:
+            want = [floor_budget(n, ratio)] * QWEN_LAYERS
+        assert record.layer_visual_tokens[:, b].tolist() == want
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_padded_batch_matches_samples_alone(name):
+    model = qwen_model("session", torch.float64)
+    batch = qwen_inputs("batch", dtype=torch.float64)
+    processor = qwen_processor()
+    singles = [
+        processor(
+            text=[qwen_prompt(processor, "are they the same?", images=2)],
+            images=[random_image(0, 40, 40), random_image(1, 64, 32)],
+            return_tensors="pt",
+        ),
+        processor(
+            text=[qwen_prompt(processor, "what colour is the big square at the top right?", images=1)],
+            images=[random_image(2, 64, 96)],
+            return_tensors="pt",
+        ),
+    ]
+    record, batch_logits = run(model, make(name, 0.5), batch)
+    length = batch["input_ids"].shape[1]
+    for b, single in enumerate(singles):
+        single = {k: v.double() if v.is_floating_point() else v for k, v in dict(single).items()}
+        n = single["input_ids"].shape[1]
+        alone, logits = run(model, make(name, 0.5), single)
+        assert torch.equal(alone.layer_visual_tokens[:, 0], record.layer_visual_tokens[:, b])
+        positions = record.kept.index[b][record.kept.valid[b]] - (length - n)
+        assert torch.equal(positions, alone.kept.index[0][alone.kept.valid[0]])
+        torch.testing.assert_close(batch_logits[b, -1], logits[0, -1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["batch", "video"])
+@pytest.mark.parametrize("name", METHODS)
+def test_generate_keeps_what_a_forward_keeps(name, kind):
+    model = qwen_model()
+    inputs = qwen_inputs(kind)
+    forward, logits = run(model, make(name, 0.25), inputs)
+    with torch.no_grad(), PruningSession(model, make(name, 0.25)) as session:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    prefill = session.record
+    assert torch.equal(prefill.layer_visual_tokens, forward.layer_visual_tokens)
+    for stage, other in zip(prefill.stages[1:], forward.stages[1:], strict=True):
+        assert torch.equal(
+            stage.compaction.index[stage.compaction.valid], other.compaction.index[other.compaction.valid]
+        )
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_exit_removes_every_hook(name):
+    model = qwen_model()
+    before = hook_counts(model)
+    with torch.no_grad(), PruningSession(model, make(name, 0.5)):
+        model(**qwen_inputs("video"))
+    assert hook_counts(model) == before
