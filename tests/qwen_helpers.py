@@ -4,6 +4,7 @@ input) and its inputs: images of native sizes, a video, padded batches."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from conftest import random_image, random_video
@@ -28,11 +29,12 @@ def qwen_model(role: str = "session", dtype=torch.float32, backend: str = "sdpa"
     key = (role, dtype, backend)
     if key not in _MODELS:
         qwen_processor()
-        config = _MODELS["config"]
-        config._attn_implementation = backend
+        config = copy.deepcopy(_MODELS["config"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(QWEN_SPEC.seed)
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(
+                config, dtype=torch.float32, attn_implementation=backend
+            )
         tok = _MODELS["processor"].tokenizer
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id

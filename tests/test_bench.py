@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covipal.efficiency.flops import llm_prefill_flops, transformer_layer_flops, vision_flops
 from covipal.efficiency.memory import PeakSampler
+from covipal.models.families import family_named
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,8 @@ def test_vision_flops_equal_torch_flop_counter(tiny_dir):
     pixels = torch.zeros(3, 3, config.image_size, config.image_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         tower(pixels)
-    assert counter.get_total_flops() == vision_flops(config, 3)
+    work = family_named("llava_onevision").tower_work(config, [3])
+    assert counter.get_total_flops() == vision_flops(work)
 
 
 def test_peak_sampler_sees_an_allocation():
@@ -158,3 +160,51 @@ def test_bad_bench_input_through_the_cli(tmp_path):
         + "e.g. inputs=[{kind:image,size:[768,768]},{kind:video,frames:32}]"
     ]
     assert not (tmp_path / "cache").exists()  # refused before the tiny model is built
+
+
+@pytest.mark.slow
+def test_bench_runs_on_qwen_shapes(tmp_path):
+    """`covipal.bench` on a small Qwen2.5-VL built from a spec: every figure, budgets counted in merged tokens."""
+    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run_dir = tmp_path / "bench"
+    small = (
+        "model.spec.text_layers=4 model.spec.text_hidden=64 model.spec.text_intermediate=128 model.spec.text_heads=4 "
+        "model.spec.text_kv_heads=2 model.spec.mrope_section=[2,3,3] model.spec.vision_depth=2 "
+        "model.spec.vision_hidden=32 model.spec.vision_intermediate=64 model.spec.vision_heads=4 "
+        "model.spec.patch_size=8 model.spec.window_size=32 model.spec.fullatt_blocks=[1] "
+        "model.spec.max_pixels=16384 model.spec.video_max_pixels=4096 model.ppm.hidden_size=32 "
+        "model.ppm.intermediate_size=64 model.ppm.num_layers=1 model.ppm.num_heads=2 model.ppm.num_kv_heads=1 "
+        "model.layer_plan.fastv_K=2 model.layer_plan.vitcop=[1,3] model.dtype=float32"
+    ).split()
+    args = [
+        "model=qwen2_5_vl_7b_shapes",
+        *small,
+        "methods=[none,covipal,fastv,visionzip,vitcop]",
+        "ratios=[0.5]",
+        "inputs=[{kind:image,size:[64,96]},{kind:video,frames:8}]",
+        "repeats=1",
+        "warmup=0",
+        "new_tokens=2",
+        "memory=false",
+        "progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "covipal.bench", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["input"], r["method"]): r for r in json.loads((run_dir / "bench.json").read_text())["rows"]}
+    assert set(rows) == {
+        (i, m) for i in ("image 64x96", "video 8f") for m in ("none", "covipal", "fastv", "visionzip", "vitcop")
+    }
+    for (_, method), row in rows.items():
+        assert row["flops"]["vision"] > 0 and row["prefill_s"]["median"] > 0
+        if method in ("covipal", "visionzip"):
+            assert row["layer_visual_tokens"] == [row["n_visual"] // 2] * 4
+    assert rows["image 64x96", "none"]["n_visual"] == 24  # 8 x 12 patches, merged 2 x 2

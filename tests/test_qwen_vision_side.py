@@ -4,6 +4,7 @@ split by Qwen's grids, a padded batch equal to each sample alone, generate keepi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_image
@@ -163,3 +164,25 @@ def test_exit_removes_every_hook(name):
     with torch.no_grad(), PruningSession(model, make(name, 0.5)):
         model(**qwen_inputs("video"))
     assert hook_counts(model) == before
+
+
+@pytest.mark.parametrize("size", [(64, 96), (40, 40), (100, 37), (200, 300)])
+def test_heatmap_panel_covers_every_visual_token(size):
+    from PIL import Image
+
+    from covipal.evaluation.heatmap import kept_token_heatmap
+    from covipal.models.families import family_of
+
+    model, processor = qwen_model(), qwen_processor()
+    height, width = size
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    inputs = processor(images=[image], text=qwen_prompt(processor, "what colour?", images=1), return_tensors="pt")
+    n_visual = int(visual_mask(model.config, inputs["input_ids"]).sum())
+    ((start, rows, columns, stride),) = family_of(model).image_token_panels(model, processor, height, width)
+    grid = inputs["image_grid_thw"][0].tolist()
+    assert start == 0 and rows * stride == n_visual and [rows * 2, columns * 2] == grid[1:]
+    kept = np.zeros(n_visual, dtype=bool)
+    kept[: n_visual // 2] = True  # the top half kept
+    sheet = np.asarray(kept_token_heatmap(model, processor, image, kept))
+    column = sheet[:, sheet.shape[1] // 2, 0]  # red channel down the middle: kept above, dimmed below
+    assert column[1] == 200 and column[-2] == 50

@@ -312,7 +312,8 @@ def test_the_slurm_launcher_config_composes():
 def test_heatmap_layout_accounts_for_every_visual_token(sdpa_model, processor, size):
     from PIL import Image
 
-    from covipal.evaluation.heatmap import image_token_layout, kept_token_heatmap
+    from covipal.evaluation.heatmap import kept_token_heatmap
+    from covipal.models.families import family_of
 
     height, width = size
     image = Image.new("RGB", (width, height), (200, 30, 30))
@@ -320,15 +321,17 @@ def test_heatmap_layout_accounts_for_every_visual_token(sdpa_model, processor, s
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     n_visual = int((inputs["input_ids"] == sdpa_model.config.image_token_id).sum())
-    side, rows, columns = image_token_layout(sdpa_model, (height, width))
-    assert side * side + rows * (columns + 1) == n_visual
-    if rows:  # the high-resolution grid keeps the image's aspect (unpadding removes the padding)
-        assert abs(rows / columns - height / width) < 0.35
+    panels = family_of(sdpa_model).image_token_panels(sdpa_model, processor, height, width)
+    (_, side, _, _), high = panels[0], panels[1:]
+    assert sum(rows * stride for _, rows, _, stride in panels) == n_visual
+    if high:  # the high-resolution grid keeps the image's aspect (unpadding removes the padding)
+        _, rows, columns, stride = high[0]
+        assert stride == columns + 1 and abs(rows / columns - height / width) < 0.35
     kept = np.zeros(n_visual, dtype=bool)
     kept[: side * side] = True  # base view kept, high resolution pruned
-    sheet = np.asarray(kept_token_heatmap(sdpa_model, image, kept))
+    sheet = np.asarray(kept_token_heatmap(sdpa_model, processor, image, kept))
     middle = sheet[sheet.shape[0] // 2, :, 0]  # red channel along the middle row: kept panel, gap, pruned panel
-    assert middle[2] == 200 and (not rows or middle[-3] == 50)
+    assert middle[2] == 200 and (not high or middle[-3] == 50)
 
 
 def test_models_are_registered_in_vlmeval_and_answer_its_messages(tmp_path, monkeypatch, no_network):

@@ -39,13 +39,14 @@ def llm_prefill_flops(text_config, layer_tokens: list[int]) -> float:
     )
 
 
-def vision_flops(vision_config, crops: int) -> float:
-    """The tower over `crops` crops or frames (every token attends to every token of its crop)."""
-    n = (vision_config.image_size // vision_config.patch_size) ** 2
-    hidden = vision_config.hidden_size
-    patch = 2.0 * n * hidden * 3 * vision_config.patch_size**2
-    per_layer = transformer_layer_flops(n, hidden, vision_config.intermediate_size, hidden, hidden, n, gated=False)
-    return crops * (patch + vision_config.num_hidden_layers * per_layer)
+def vision_flops(work: tuple[list[tuple], float]) -> float:
+    """The tower's FLOPs from the family's description of its work (`tower_work`): layer groups (layers, tokens,
+    hidden, intermediate, keys per query, gated MLP) and other multiply-adds."""
+    groups, other = work
+    total = 2.0 * other
+    for layers, tokens, hidden, intermediate, context, gated in groups:
+        total += layers * transformer_layer_flops(tokens, hidden, intermediate, hidden, hidden, context, gated)
+    return total
 
 
 def ppm_flops(ppm_config, tokens: int) -> float:

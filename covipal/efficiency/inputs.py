@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from covipal.errors import CovipalError
+from covipal.models.families import family_of
 
 QUESTION = "describe what you see in one sentence."
 
@@ -44,24 +45,17 @@ def input_name(spec: dict) -> str:
 
 
 def build_input(loaded, spec: dict, seed: int = 0) -> dict:
-    """Processor outputs for `spec`: {kind: image, size: [h, w], aspect: anyres_max_N?} or {kind: video, frames}."""
+    """Processor outputs for `spec`: {kind: image, size: [h, w], aspect: anyres_max_N?} (the aspect: LLaVA-OneVision
+    only) or {kind: video, frames} (frames at the family's side)."""
     processor, config = loaded.processor, loaded.model.config
+    family = family_of(loaded.model)
     rng = np.random.default_rng(seed)
-    kind = spec.get("kind")
+    kind = check_input(spec)["kind"]
+    content = lambda media: [{"role": "user", "content": [{"type": media}, {"type": "text", "text": QUESTION}]}]  # noqa: E731
     if kind == "image":
-        aspect = spec.get("aspect")
-        if aspect:  # as training and the paper's efficiency figures use it (set on this model instance)
-            config.vision_aspect_ratio = aspect
-            processor.vision_aspect_ratio = aspect
         height, width = spec["size"]
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return dict(processor(text=text, images=image, return_tensors="pt"))
-    if kind == "video":
-        side = config.vision_config.image_size
-        frames = rng.integers(0, 256, (int(spec["frames"]), side, side, 3), dtype=np.uint8)
-        content = [{"type": "video"}, {"type": "text", "text": QUESTION}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return dict(processor(text=text, videos=[frames], return_tensors="pt"))
-    raise CovipalError(f"bench input {spec} has kind={kind!r}; use kind: image or video, {EXAMPLE}")
+        return family.bench_input(processor, config, spec, image, None, content)
+    side = family.video_frame_side(config)
+    frames = rng.integers(0, 256, (int(spec["frames"]), side, side, 3), dtype=np.uint8)
+    return family.bench_input(processor, config, spec, None, frames, content)

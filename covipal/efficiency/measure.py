@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from covipal.models.families import family_of, visual_mask
 from covipal.pruning.budget import keep_top_visual, visual_budget
 from covipal.pruning.session import PruningSession
 from covipal.pruning.vision_tokens import VisionTokens
@@ -30,32 +31,30 @@ class Encoded:
     batch: dict  # processor outputs
     features: dict  # mm_encoder_outputs for the model's forward
     tower_seconds: float
-    crops: int
+    units: list  # the tower's work (crops, or grids), for its FLOPs (the family's `tower_work`)
 
 
 def encode(model, batch: dict) -> Encoded:
     device = next(model.parameters()).device
     with torch.no_grad():
         start = now(device)
-        if "pixel_values_videos" in batch:
-            videos = batch["pixel_values_videos"]
-            features = {"video": model.model.get_video_features(videos, return_dict=True)}
-            crops = videos.shape[0] * videos.shape[1]
-        else:
-            out = model.model.get_image_features(
-                batch["pixel_values"],
-                batch["image_sizes"],
-                batch_num_images=batch.get("batch_num_images"),
-                return_dict=True,
-            )
-            features = {"image": out}
-            crops = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]  # [images, crops, 3, H, W]
+        features, units = family_of(model).encode_vision(model, batch)
         seconds = now(device) - start
-    return Encoded(batch, features, seconds, crops)
+    return Encoded(batch, features, seconds, units)
 
 
 def text_inputs(encoded: Encoded) -> dict:
-    return {"input_ids": encoded.batch["input_ids"], "attention_mask": encoded.batch["attention_mask"]}
+    """What the forward takes besides the features: ids, mask, and the inputs the model's positions need (Qwen's
+    token types and grids)."""
+    keep = (
+        "input_ids",
+        "attention_mask",
+        "mm_token_type_ids",
+        "image_grid_thw",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
+    return {key: encoded.batch[key] for key in keep if key in encoded.batch}
 
 
 def vision_side(pruner) -> VisionTokens | None:
@@ -112,9 +111,14 @@ def measure(model, pruner, encoded: Encoded, new_tokens: int) -> Measurement:
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = inputs["attention_mask"]
         start = now(device)
+        family = family_of(model)
         for _ in range(new_tokens):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            # the new token's position after the original sequence, as generate would give it
+            positions = family.decode_positions(model.model, None, mask, mask.shape[1] - 1, 1, mask.shape[0], device)
+            out = model(
+                input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode = now(device) - start
     record = session.record
@@ -142,26 +146,22 @@ def bare_reference(model, pruner, encoded: Encoded, record) -> float:
     inputs = text_inputs(encoded)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     config = model.config
-    visual = (ids == config.image_token_id) | (ids == config.video_token_id)
+    visual = visual_mask(config, ids)
     kept = record.kept
     with torch.no_grad():
         start = now(device)
         embeds = model.get_input_embeddings()(ids)
-        features = encoded.features
-        if "image" in features:
-            values = torch.cat(features["image"].pooler_output, dim=0)
-        else:
-            values = features["video"].pooler_output.flatten(0, 1)
+        values = family_of(model).feature_rows(encoded.features)
         embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), values.to(embeds.dtype))
         scorer = getattr(pruner, "ppm", None)
         if scorer is not None:
             scores = scorer(embeds, attention_mask=mask.bool())
             keep_top_visual(scores, visual, visual_budget(visual.sum(1), pruner.reserve_ratio))
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        positions = family_of(model).original_positions(model.model, inputs)
         hidden = model.model.language_model(
             inputs_embeds=kept.gather(embeds),
             attention_mask=kept.valid.long(),
-            position_ids=kept.gather(positions.expand_as(ids)),
+            position_ids=kept.gather_positions(positions),
             use_cache=True,
         ).last_hidden_state
         model.lm_head(hidden[:, -1:])

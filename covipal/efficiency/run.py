@@ -18,6 +18,7 @@ from covipal.efficiency.inputs import build_input, check_input, input_name
 from covipal.efficiency.measure import bare_reference, encode, measure, prime
 from covipal.efficiency.memory import measure_in_fresh_processes, one_memory_measurement
 from covipal.errors import CovipalError
+from covipal.models.families import family_of
 
 
 def jobs(cfg: DictConfig) -> list[tuple[str, float]]:
@@ -148,7 +149,7 @@ def input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring
             "kv_bytes": first.kv_bytes,
             "flops": {
                 "llm": llm,
-                "vision": vision_flops(config.vision_config, encoded.crops),
+                "vision": vision_flops(family_of(loaded.model).tower_work(config.vision_config, encoded.units)),
                 "ppm": ppm,
                 "decode_per_token": decode_flops_per_token(config.text_config, context, vocab),
             },

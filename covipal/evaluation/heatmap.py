@@ -1,9 +1,9 @@
 """Kept-token heat maps: an image with the patches whose visual tokens were pruned dimmed.
 
-Where each visual token of an image comes from is read off the model's own packing
-(`pack_image_features`, run on placeholder features), so the map is exact for any anyres configuration: the
-base view (the whole image squeezed into one crop, a side×side grid) and the high-resolution grid left after
-unpadding (rows × columns, each row closed by a newline token), which covers the original image evenly.
+Where each visual token of an image comes from is the model family's knowledge (covipal/models/families): the
+panels of the image in its token sequence — for LLaVA-OneVision the base view (the whole image squeezed into one
+crop) and the high-resolution grid left after anyres unpadding (each row closed by a newline token), read off the
+model's own packing; for Qwen2.5-VL one grid of merged tokens at the processor's resolution.
 """
 
 from __future__ import annotations
@@ -11,32 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
-
-def image_token_layout(model, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(base side, high-resolution rows, columns) of an image of (height, width) in `model`'s visual tokens;
-    rows = 0 when the image takes a single crop."""
-    config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    grid_h, grid_w = get_anyres_image_grid_shape(
-        image_size, config.image_grid_pinpoints, config.vision_config.image_size
-    )
-    placeholder = torch.zeros(1 + grid_h * grid_w, side * side, 1)
-    packed, _ = model.model.pack_image_features(
-        [placeholder],
-        torch.tensor([image_size]),
-        image_newline=torch.ones(1),
-        vision_aspect_ratio=config.vision_aspect_ratio,
-    )
-    flags = packed[0][side * side :, 0]
-    newlines = torch.nonzero(flags == 1).squeeze(1)
-    if len(newlines) == 0:
-        return side, 0, 0
-    columns = int(newlines[0])
-    return side, len(newlines), columns
+from covipal.models.families import family_of
 
 
 def _dim(canvas: np.ndarray, cells: np.ndarray, factor: float = 0.25) -> np.ndarray:
@@ -51,14 +28,16 @@ def _dim(canvas: np.ndarray, cells: np.ndarray, factor: float = 0.25) -> np.ndar
     return out.astype(np.uint8)
 
 
-def kept_token_heatmap(model, image: Image.Image, kept: np.ndarray, title: str = "") -> Image.Image:
-    """Two panels side by side — the base view and the high-resolution grid — with pruned patches dimmed.
-    `kept`: bool over the image's visual tokens in sequence order (newline tokens included)."""
-    side, rows, columns = image_token_layout(model, (image.height, image.width))
+def kept_token_heatmap(model, processor, image: Image.Image, kept: np.ndarray, title: str = "") -> Image.Image:
+    """One panel per grid the image's tokens form (LLaVA-OneVision: the base view and the high-resolution grid),
+    side by side, with pruned patches dimmed. `kept`: bool over the image's visual tokens in sequence order
+    (newline tokens included)."""
     picture = np.asarray(image.convert("RGB"))
-    panels = [_dim(picture, kept[: side * side].reshape(side, side))]
-    if rows:
-        grid = kept[side * side : side * side + rows * (columns + 1)].reshape(rows, columns + 1)[:, :columns]
+    panels = []
+    for start, rows, columns, stride in family_of(model).image_token_panels(
+        model, processor, image.height, image.width
+    ):
+        grid = kept[start : start + rows * stride].reshape(rows, stride)[:, :columns]
         panels.append(_dim(picture, grid))
     scale = max(1, 256 // max(picture.shape[:2]))
     tiles = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST) for p in panels]
@@ -73,7 +52,7 @@ def kept_token_heatmap(model, image: Image.Image, kept: np.ndarray, title: str =
     return sheet
 
 
-def save_heatmap(model, image: Image.Image, kept: np.ndarray, path: Path, title: str = "") -> Path:
+def save_heatmap(model, processor, image: Image.Image, kept: np.ndarray, path: Path, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept_token_heatmap(model, image, kept, title).save(path)
+    kept_token_heatmap(model, processor, image, kept, title).save(path)
     return path

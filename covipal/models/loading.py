@@ -1,5 +1,5 @@
-"""Loading a LLaVA-OneVision-architecture model and its processor with `from_pretrained`: the paper's checkpoints
-and the tiny model's cached one (covipal/tiny_world/model.py) go through the same path."""
+"""Loading a model of a supported family (LLaVA-OneVision, Qwen2.5-VL) and its processor with `from_pretrained`:
+the paper's checkpoints and the tiny models' cached ones (covipal/tiny_world/model.py) go through the same path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants, snapshot_download
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
 from covipal.errors import CovipalError
 from covipal.models.adapters import merge_adapter
+from covipal.models.families import family_of
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 
@@ -24,7 +25,7 @@ ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attenti
 class LoadedModel:
     """A model with the processor that feeds it."""
 
-    model: LlavaOnevisionForConditionalGeneration
+    model: object  # a supported family's ...ForConditionalGeneration (covipal/models/families)
     processor: object
     name: str
     ppm: dict | None = None  # the PPM architecture suited to this model (used when a PPM is built from scratch)
@@ -100,15 +101,12 @@ def resolve_attention(name: str, device: torch.device) -> str:
 def check_processor_matches(model, processor, name: str) -> None:
     """Fail early when the processor would produce a number or kind of placeholder the model does not expect."""
     config = model.config
-    vision = config.vision_config
-    expected_tokens = (vision.image_size // vision.patch_size) ** 2
     problems = []
     if processor.image_token_id != config.image_token_id:
         problems.append(f"image token id {processor.image_token_id} != model's {config.image_token_id}")
     if processor.video_token_id != config.video_token_id:
         problems.append(f"video token id {processor.video_token_id} != model's {config.video_token_id}")
-    if processor.num_image_tokens != expected_tokens:
-        problems.append(f"{processor.num_image_tokens} tokens per crop != model's {expected_tokens}")
+    problems += family_of(model).processor_problems(model, processor)
     if len(processor.tokenizer) > config.text_config.vocab_size:
         problems.append(f"tokenizer size {len(processor.tokenizer)} > model vocabulary {config.text_config.vocab_size}")
     if problems:
@@ -165,11 +163,12 @@ def load_pretrained(
         raise missing
     try:
         processor = AutoProcessor.from_pretrained(processor_path or name_or_path)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=torch_dtype, attn_implementation=attention
         )
     except OSError:
         raise missing from None
+    family_of(model)  # a family covipal knows, or the one-line error
     check_processor_matches(model, processor, name_or_path)
     if adapter:
         model = merge_adapter(model, adapter)

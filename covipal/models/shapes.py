@@ -1,5 +1,6 @@
-"""Models with the real shapes of LLaVA-OneVision (SigLIP-so400m tower, Qwen2 LLM of 0.5B or 7B size) and random
-weights, built in memory from a config: what the efficiency harness times when no weights can be downloaded.
+"""Models with the real shapes of LLaVA-OneVision (SigLIP-so400m tower, Qwen2 LLM of 0.5B or 7B size) or Qwen2.5-VL
+(its windowed ViT, the 7B LLM) and random weights, built in memory from a config: what the efficiency harness
+times when no weights can be downloaded.
 Costs depend on shapes only, so these time (and count FLOPs) like the real checkpoints; their answers mean
 nothing. The tokenizer is the local word tokenizer, so the vocabulary (and the LM head) is small: decode figures
 leave out the real 152k-word head, which the FLOP count adds back (`real_vocab_size`)."""
@@ -7,11 +8,11 @@ leave out the real 152k-word head, which the FLOP count adds back (`real_vocab_s
 from __future__ import annotations
 
 import torch
-from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.initialization import no_init_weights
 
 from covipal.models.adapters import merge_adapter
-from covipal.models.architecture import ArchitectureSpec, processor_and_config, set_generation_tokens
+from covipal.models.architecture import set_generation_tokens
+from covipal.models.families import family_named
 from covipal.models.loading import LoadedModel, resolve_attention, resolve_device, resolve_dtype
 
 
@@ -45,14 +46,16 @@ def load_shaped(
     layer_plan: dict | None = None,
     evaluation: dict | None = None,
     adapter: str | None = None,
+    family: str = "llava_onevision",
 ) -> LoadedModel:
-    """A randomly initialised model of `spec`'s shapes (ArchitectureSpec fields), in memory, with its processor."""
-    spec = ArchitectureSpec(**spec)
+    """A randomly initialised model of `family` with `spec`'s shapes (the family's architecture spec fields:
+    covipal/models/architecture.py, qwen_architecture.py), in memory, with its processor."""
+    builder = family_named(family)
+    processor, config, spec = builder.from_spec(spec)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    processor, config = processor_and_config(spec)
     with no_init_weights():  # transformers' per-module init takes minutes at these sizes on CPU
-        model = LlavaOnevisionForConditionalGeneration._from_config(
+        model = builder.model_class._from_config(
             config, dtype=torch_dtype, attn_implementation=resolve_attention(attn_implementation, target)
         )
     fill_random(model, spec.seed, spec.initializer_range)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from covipal.errors import CovipalError
+from covipal.models.families import visual_mask
 from covipal.pruning.budget import check_ratio, keep_top_visual, visual_budget
 from covipal.pruning.clustering import knn_density_peaks
 from covipal.pruning.context import LayerContext, Merge
@@ -122,7 +123,7 @@ class SparseVLMPruner:
             ids = self._input_ids
             mask = kwargs.get("attention_mask")
             mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-            visual = (ids == config.image_token_id) | (ids == config.video_token_id) if ids is not None else None
+            visual = visual_mask(config, ids) if ids is not None else None
             if visual is None or visual.shape != mask.shape:
                 visual = torch.zeros_like(mask)
             self._raters = text_raters(embeds, visual & mask, mask)

@@ -17,6 +17,7 @@ from covipal.data.chat import processor_inputs, user_message
 from covipal.data.conversation import answer_labels
 from covipal.data.sample import Sample
 from covipal.errors import CovipalError
+from covipal.models.families import visual_mask
 from covipal.pruning.session import PruningSession
 from covipal.tiny_world.grounding import answer_query_rows, grounding_losses, turn_relevance
 from covipal.tiny_world.oracle import FocusPruner
@@ -293,7 +294,7 @@ def pretraining_loss(
     labels = batch.pop("labels")
     config = model.config
     input_ids = batch["input_ids"]
-    visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+    visual = visual_mask(config, input_ids)
     layer = recipe.grounding_layer
     with contextlib.ExitStack() as stack:
         layers = (layer - 1, layer, layer + 1) if recipe.grounding_weight else ()

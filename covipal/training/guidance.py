@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from covipal.errors import CovipalError
+from covipal.models.families import visual_mask
 from covipal.pruning.scoring import attention_received
 from covipal.training.layer_input import LayerInputCapture, ReachedLayer
 
@@ -150,7 +151,7 @@ class GuidanceProbe:
         mask = self._captured["mask"]
         key_mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         ids = inputs["input_ids"]
-        visual = ((ids == self.config.image_token_id) | (ids == self.config.video_token_id)) & key_mask
+        visual = visual_mask(self.config, ids) & key_mask
         rows = query_rows_mask(key_mask, visual, self.query_rows, ids, self.turn_ids)
         labels = attention_received(
             self.layer,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covipal.errors import CovipalError
+from covipal.models.families import visual_mask
 
 _MARK = "_covipal_soft_mask_session"
 BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -81,7 +82,7 @@ class SoftMaskSession:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise CovipalError("stage 2 needs input_ids to know which positions are visual")
-        self._visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        self._visual = visual_mask(self.config, input_ids)
 
     def _language_model_hook(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")

@@ -16,6 +16,7 @@ from torch import nn
 
 from covipal.data.conversation import PROMPT_MASK
 from covipal.errors import CovipalError
+from covipal.models.families import visual_mask
 from covipal.models.ppm import PPMClassifier
 from covipal.pruning.budget import check_ratio
 from covipal.pruning.sequence import Compaction
@@ -151,9 +152,7 @@ class Stage2Task:
         prompt = batch[PROMPT_MASK]
         inputs = {key: value for key, value in batch.items() if key not in ("labels", PROMPT_MASK)}
         s = self.settings
-        visual = (inputs["input_ids"] == self.model.config.image_token_id) | (
-            inputs["input_ids"] == self.model.config.video_token_id
-        )
+        visual = visual_mask(self.model.config, inputs["input_ids"])
 
         def scorer(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             scores = prompt_scores(ppm, embeds, prompt & mask)

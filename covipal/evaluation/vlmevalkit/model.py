@@ -134,7 +134,14 @@ class PrunedVLM(BaseModel):
         stem = Path(next(item["value"] for item in message if item["type"] == "image")).stem
         title = f"{sample.question.splitlines()[0]} -> {answer.text}   r={answer.reserve_ratio:.3f}"
         kept = self.session.record.visual_kept(0).cpu().numpy()
-        save_heatmap(self.loaded.model, sample.images[0], kept, self.heatmap_dir / str(dataset) / f"{stem}.png", title)
+        save_heatmap(
+            self.loaded.model,
+            self.loaded.processor,
+            sample.images[0],
+            kept,
+            self.heatmap_dir / str(dataset) / f"{stem}.png",
+            title,
+        )
 
     def generate_inner(self, message, dataset=None) -> str:
         if self.session is None:  # built by VLMEvalKit's registry: the session stays installed from here on

@@ -24,6 +24,14 @@ def family_of(model: nn.Module):
     return adapter
 
 
+def family_named(model_type: str):
+    """The adapter of a family by its model_type (configs name it for models built from a spec)."""
+    adapter = FAMILIES.get(model_type)
+    if adapter is None:
+        raise CovipalError(f"model family {model_type!r} is not one of {', '.join(sorted(FAMILIES))}")
+    return adapter
+
+
 def visual_mask(config, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the positions of image and video placeholders (one per visual token the LLM sees)."""
     return (input_ids == config.image_token_id) | (input_ids == config.video_token_id)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
 )
 
+from covipal.models.architecture import ArchitectureSpec, processor_and_config
 from covipal.models.families.rows import NEWLINE, VIDEO_VIEWS
 
 MODEL_TYPE = "llava_onevision"
@@ -24,6 +26,22 @@ MODEL_TYPE = "llava_onevision"
 class LlavaOneVision:
     name = MODEL_TYPE
     position_rows = 0  # 1D positions: [B, T]
+    model_class = LlavaOnevisionForConditionalGeneration
+
+    @staticmethod
+    def from_spec(spec: dict):
+        """(processor, config, spec) of a model of this family built from ArchitectureSpec fields."""
+        built = ArchitectureSpec(**spec)
+        return (*processor_and_config(built), built)
+
+    @staticmethod
+    def processor_problems(model, processor) -> list[str]:
+        """Ways `processor` would make a number of placeholders the model does not expect."""
+        vision = model.config.vision_config
+        expected = (vision.image_size // vision.patch_size) ** 2
+        if processor.num_image_tokens != expected:
+            return [f"{processor.num_image_tokens} tokens per crop != model's {expected}"]
+        return []
 
     @staticmethod
     def prefill_positions(position_ids: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -31,6 +49,12 @@ class LlavaOneVision:
         if position_ids is None:
             position_ids = torch.arange(length, device=device)[None]
         return position_ids.expand(batch, length)
+
+    @staticmethod
+    def original_positions(multimodal, inputs: dict) -> torch.Tensor:
+        """The positions [B, T] the model gives an unpadded input (the bench's bare reference gathers them)."""
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
 
     @staticmethod
     def layer_position_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -45,6 +69,82 @@ class LlavaOneVision:
         if position_ids is not None:
             return None
         return (torch.arange(steps, device=device) + start)[None].expand(batch, steps)
+
+    # -- the efficiency harness --------------------------------------------------------------------------------
+    @staticmethod
+    def encode_vision(model: nn.Module, batch: dict) -> tuple[dict, list]:
+        """The tower's features of a processor batch, as the forward's `mm_encoder_outputs`, and the tower's work
+        units (crops and frames) for `tower_work`."""
+        if "pixel_values_videos" in batch:
+            videos = batch["pixel_values_videos"]
+            features = {"video": model.model.get_video_features(videos, return_dict=True)}
+            return features, [videos.shape[0] * videos.shape[1]]
+        out = model.model.get_image_features(
+            batch["pixel_values"],
+            batch["image_sizes"],
+            batch_num_images=batch.get("batch_num_images"),
+            return_dict=True,
+        )
+        return {"image": out}, [batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]]
+
+    @staticmethod
+    def feature_rows(features: dict) -> torch.Tensor:
+        """[n_visual, D]: the features in the order the model scatters them over its placeholders."""
+        if "image" in features:
+            return torch.cat(features["image"].pooler_output, dim=0)
+        return features["video"].pooler_output.flatten(0, 1)
+
+    @staticmethod
+    def tower_work(vision, units: list) -> tuple[list[tuple], float]:
+        """The tower's matrix work on `units` = [crops]: layer groups (layers, tokens, hidden, intermediate, keys
+        per query, gated MLP) and other multiply-adds (the patch embedding)."""
+        crops = units[0]
+        n = (vision.image_size // vision.patch_size) ** 2
+        hidden = vision.hidden_size
+        layers = (vision.num_hidden_layers, crops * n, hidden, vision.intermediate_size, n, False)
+        return [layers], crops * n * hidden * 3 * vision.patch_size**2
+
+    @staticmethod
+    def bench_input(processor, config, spec: dict, image, frames, question_content) -> dict:
+        """Processor outputs for the bench's random image (anyres aspect from `spec`) or video."""
+        if image is not None:
+            aspect = spec.get("aspect")
+            if aspect:  # as training and the paper's efficiency figures use it (set on this model instance)
+                config.vision_aspect_ratio = aspect
+                processor.vision_aspect_ratio = aspect
+            text = processor.apply_chat_template(question_content("image"), add_generation_prompt=True)
+            return dict(processor(text=text, images=image, return_tensors="pt"))
+        text = processor.apply_chat_template(question_content("video"), add_generation_prompt=True)
+        return dict(processor(text=text, videos=[frames], return_tensors="pt"))
+
+    @staticmethod
+    def video_frame_side(config) -> int:
+        return config.vision_config.image_size
+
+    # -- heat maps ------------------------------------------------------------------------------------------
+    @staticmethod
+    def image_token_panels(model: nn.Module, processor, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Where an image of (height, width) lies in its visual tokens, as panels (start, rows, columns, stride):
+        the base view, then the high-resolution grid if there is one (rows closed by a newline, stride = columns
+        + 1), read off the model's own packing of placeholder features."""
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        grid_h, grid_w = get_anyres_image_grid_shape(
+            (height, width), config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        placeholder = torch.zeros(1 + grid_h * grid_w, side * side, 1)
+        packed, _ = model.model.pack_image_features(
+            [placeholder],
+            torch.tensor([(height, width)]),
+            image_newline=torch.ones(1),
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+        newlines = torch.nonzero(packed[0][side * side :, 0] == 1).squeeze(1)
+        panels = [(0, side, side, side)]
+        if len(newlines):
+            columns = int(newlines[0])
+            panels.append((side * side, len(newlines), columns, columns + 1))
+        return panels
 
     # -- the vision tower's facts ------------------------------------------------------------------------------
     @staticmethod

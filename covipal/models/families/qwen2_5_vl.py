@@ -15,9 +15,12 @@ import sys
 
 import torch
 from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
 from covipal.models.families.rows import VIDEO_VIEWS
+from covipal.models.qwen_architecture import QwenArchitectureSpec, qwen_processor_and_config
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -25,6 +28,28 @@ MODEL_TYPE = "qwen2_5_vl"
 class Qwen25VL:
     name = MODEL_TYPE
     position_rows = 3  # M-RoPE: [3, B, T]
+    model_class = Qwen2_5_VLForConditionalGeneration
+
+    @staticmethod
+    def from_spec(spec: dict):
+        """(processor, config, spec) of a model of this family built from QwenArchitectureSpec fields."""
+        built = QwenArchitectureSpec(**spec)
+        return (*qwen_processor_and_config(built), built)
+
+    @staticmethod
+    def processor_problems(model, processor) -> list[str]:
+        """Ways `processor` would make a number of placeholders the model does not expect."""
+        vision, problems = model.config.vision_config, []
+        for part in ("image_processor", "video_processor"):
+            made = getattr(processor, part, None)
+            if made is None:
+                continue
+            if made.patch_size != vision.patch_size or made.merge_size != vision.spatial_merge_size:
+                problems.append(
+                    f"{part} patch {made.patch_size}, merge {made.merge_size} != model's {vision.patch_size}, "
+                    f"{vision.spatial_merge_size}"
+                )
+        return problems
 
     @staticmethod
     def prefill_positions(position_ids: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -37,6 +62,18 @@ class Qwen25VL:
         elif position_ids.shape[0] == 4:
             position_ids = position_ids[1:]
         return position_ids.expand(3, batch, length)
+
+    @staticmethod
+    def original_positions(multimodal, inputs: dict) -> torch.Tensor:
+        """The M-RoPE positions [3, B, T] the model gives an input (the bench's bare reference gathers them)."""
+        return multimodal.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            attention_mask=inputs.get("attention_mask"),
+        )[0]
 
     @staticmethod
     def layer_position_ids(positions: torch.Tensor) -> None:
@@ -60,6 +97,74 @@ class Qwen25VL:
         deltas = multimodal.rope_deltas
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device) if deltas is None else deltas.to(device)
         return (text + deltas.expand(batch, 1))[None].expand(3, batch, steps)
+
+    # -- the efficiency harness --------------------------------------------------------------------------------
+    @staticmethod
+    def encode_vision(model: nn.Module, batch: dict) -> tuple[dict, list]:
+        """The tower's features of a processor batch, as the forward's `mm_encoder_outputs`, and the tower's work
+        units (the grids) for `tower_work`."""
+        if "pixel_values_videos" in batch:
+            grids = batch["video_grid_thw"]
+            out = model.model.get_video_features(batch["pixel_values_videos"], grids, return_dict=True)
+            return {"video": out}, grids.tolist()
+        grids = batch["image_grid_thw"]
+        out = model.model.get_image_features(batch["pixel_values"], grids, return_dict=True)
+        return {"image": out}, grids.tolist()
+
+    @staticmethod
+    def feature_rows(features: dict) -> torch.Tensor:
+        """[n_visual, D]: the features in the order the model scatters them over its placeholders."""
+        return torch.cat(next(iter(features.values())).pooler_output, dim=0)
+
+    @staticmethod
+    def tower_work(vision, units: list) -> tuple[list[tuple], float]:
+        """The ViT's matrix work on `units` = grids (t, h, w in patches): layer groups (layers, tokens, hidden,
+        intermediate, keys per query, gated MLP) for its full-attention blocks (each temporal slice attends to
+        itself) and its windowed ones (the model's own windows), and other multiply-adds (patch embedding,
+        merger)."""
+        hidden, merge = vision.hidden_size, vision.spatial_merge_size
+        patches = sum(t * h * w for t, h, w in units)
+        full = sum(t * (h * w) ** 2 for t, h, w in units) / patches
+        _, bounds = get_vision_window_index(torch.tensor(units), merge, vision.window_size, vision.patch_size)
+        lengths = bounds.diff().double()  # patches per window
+        windowed = float(lengths.pow(2).sum()) / patches
+        blocks = len(vision.fullatt_block_indexes)
+        groups = [
+            (blocks, patches, hidden, vision.intermediate_size, full, True),
+            (vision.depth - blocks, patches, hidden, vision.intermediate_size, windowed, True),
+        ]
+        embedding = patches * 3 * vision.temporal_patch_size * vision.patch_size**2 * hidden
+        merged = hidden * merge * merge
+        merger = patches // (merge * merge) * (merged * merged + merged * vision.out_hidden_size)
+        return groups, embedding + merger
+
+    @staticmethod
+    def bench_input(processor, config, spec: dict, image, frames, question_content) -> dict:
+        """Processor outputs for the bench's random image (at native resolution, within the processor's pixel
+        bounds) or video."""
+        if image is not None:
+            text = processor.apply_chat_template(question_content("image"), add_generation_prompt=True)
+            return dict(processor(text=text, images=image, return_tensors="pt"))
+        text = processor.apply_chat_template(question_content("video"), add_generation_prompt=True)
+        return dict(processor(text=text, videos=[frames], return_tensors="pt"))
+
+    @staticmethod
+    def video_frame_side(config) -> int:
+        return 448  # the ViT's side for video frames in Qwen2.5-VL's own examples (16 x 16 tokens per frame pair)
+
+    # -- heat maps ------------------------------------------------------------------------------------------
+    @staticmethod
+    def image_token_panels(model: nn.Module, processor, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Where an image of (height, width) lies in its visual tokens: one panel (start, rows, columns, stride),
+        the grid of merged tokens at the resolution the processor resizes it to."""
+        images = processor.image_processor
+        factor = images.patch_size * images.merge_size
+        bounds = images.size  # {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        new_height, new_width = smart_resize(
+            height, width, factor=factor, min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"]
+        )
+        rows, columns = new_height // factor, new_width // factor
+        return [(0, rows, columns, columns)]
 
     # -- the vision tower's facts ------------------------------------------------------------------------------
     @staticmethod
