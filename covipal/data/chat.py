@@ -1,4 +1,4 @@
-"""Turning samples into what a LLaVA-OneVision processor takes: chat messages and one batched processor call."""
+"""Turning samples into what a vision-language processor takes: chat messages and one batched processor call."""
 
 from __future__ import annotations
 

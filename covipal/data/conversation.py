@@ -64,7 +64,7 @@ PROMPT_MASK = "prompt_mask"  # batch key: [B, T] bool, the tokens the PPM may re
 
 def turn_token_ids(tokenizer) -> tuple[int, int]:
     """The chat template's turn start and end tokens (`<|im_start|>`, `<|im_end|>` in the ChatML templates of
-    LLaVA-OneVision and the tiny model)."""
+    LLaVA-OneVision, Qwen2.5-VL and the tiny models)."""
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", tokenizer.eos_token])
     return start, end
 

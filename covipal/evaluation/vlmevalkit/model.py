@@ -34,7 +34,7 @@ from covipal.pruning.session import PruningSession
 
 
 class PrunedVLM(BaseModel):
-    """A LLaVA-OneVision-architecture model with a pruner installed, as a VLMEvalKit model (images and video)."""
+    """A model of a supported family with a pruner installed, as a VLMEvalKit model (images and video)."""
 
     INTERLEAVE = True
     VIDEO_LLM = True  # videos arrive as files; frames are sampled here (`nframe` uniformly over the video)
