@@ -106,3 +106,35 @@ def test_a_stage2_step_trains_only_the_ppm():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ppm.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pdrop_star_lora_steps_change_only_the_adapters_and_merge_back(tmp_path):
+    from conftest import random_image
+
+    from covipal.data.conversation import Conversation, TrainingCollator
+    from covipal.models.adapters import merge_adapter
+    from covipal.pruning.pdrop import PyramidDropPruner
+    from covipal.training.loop import LoopConfig, train
+    from covipal.training.lora import LoRASettings, PrunedLoRATask
+
+    model = qwen_model("lora")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = PrunedLoRATask(model, PyramidDropPruner(0.5, layers=[1, 2, 3]), LoRASettings(rank=4, alpha=8, dropout=0.0))
+    data = [
+        Conversation([("what colour is it?", "red")], images=[random_image(i, 64, 96 - 16 * (i % 3))]) for i in range(4)
+    ]
+    collate = TrainingCollator(qwen_processor(), labels=True)
+    final = train(task, data, collate, LoopConfig(lr=1e-2, batch_size=2, max_steps=2, progress=False), tmp_path / "run")
+    state = task.trainable.state_dict()
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k
+    }
+    assert set(base) == set(before) and all(torch.equal(base[k], before[k]) for k in before)
+    lora = [k for k in state if "lora_B" in k]
+    assert lora and all("language_model" in k for k in lora) and any(state[k].abs().sum() > 0 for k in lora)
+    batch = collate(data[:2])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "skipped_samples")}
+    merged = merge_adapter(qwen_model("lora-merge"), final).eval()
+    task.trainable.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, task.trainable(**inputs).logits, atol=1e-3, rtol=1e-3)
