@@ -212,7 +212,7 @@ def reference_decode(model, inputs, keeps, steps: int):
     return torch.stack(tokens, dim=1)
 
 
-@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("kind", ["image", "video", "batch"])
 @pytest.mark.parametrize("name, ratio", [("covipal", 0.25), ("fastv", 0.5), ("pdrop", 0.5)])
 def test_generate_equals_masked_reference(name, ratio, kind):
     inputs = qwen_inputs(kind, dtype=torch.float64)
@@ -227,10 +227,11 @@ def test_generate_equals_masked_reference(name, ratio, kind):
     assert session.record.kept is not None
 
 
-@pytest.mark.parametrize("pass_mask", [True, False])
-def test_manual_decode_loop_continues_the_original_positions(pass_mask):
-    """model(...) step by step with the cache, with or without an attention mask: the same tokens as generate."""
-    inputs = qwen_inputs("image", dtype=torch.float64)
+@pytest.mark.parametrize("kind, pass_mask", [("image", True), ("image", False), ("batch", True)])
+def test_manual_decode_loop_continues_the_original_positions(kind, pass_mask):
+    """model(...) step by step with the cache, with or without an attention mask (a padded batch needs one): the
+    same tokens as generate."""
+    inputs = qwen_inputs(kind, dtype=torch.float64)
     model = qwen_model("session", torch.float64)
     with torch.no_grad(), PruningSession(model, make("covipal", 0.25)):
         want = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, min_new_tokens=MAX_NEW)
