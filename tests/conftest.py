@@ -98,6 +98,16 @@ def make_image_batch(processor, seed: int = 0):
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 
+@pytest.fixture(autouse=True)
+def gradients_stay_on():
+    """Gradients are a process-wide switch: a test that leaves them off (importing vlmeval before covipal's
+    wrapper does) breaks every later training test, far from the cause. Fail the test that did it."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left gradients switched off for the whole process")
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA; they are skipped, never faked, on CPU machines."""
     if torch.cuda.is_available():

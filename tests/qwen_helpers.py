@@ -119,3 +119,14 @@ def masked_keys(lm, keep: torch.Tensor, mask2d: torch.Tensor, from_layer: int):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def save_tiny_qwen(directory, spec=QWEN_SPEC):
+    """The tiny Qwen's weights (seeded) and processor saved as one checkpoint in `directory`."""
+    processor, config = qwen_processor_and_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen_helpers import QWEN_SPEC, qwen_inputs
+from qwen_helpers import QWEN_SPEC, qwen_inputs, save_tiny_qwen
 
 from covipal.errors import CovipalError
-from covipal.models.families import family_named, family_of
+from covipal.models.families import family_of
 from covipal.models.loading import load_pretrained
 from covipal.models.qwen_architecture import QwenArchitectureSpec, qwen_processor_and_config
 from covipal.models.shapes import load_shaped
-
-
-def save_tiny_qwen(directory, spec: QwenArchitectureSpec = QWEN_SPEC):
-    processor, config = qwen_processor_and_config(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = family_named("qwen2_5_vl").model_class._from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def test_a_saved_qwen_loads_through_from_pretrained_and_answers(tmp_path):
@@ -107,34 +97,3 @@ def test_generate_answers_on_qwen_batches_images_and_videos(tmp_path):
     for answer in answers:
         assert answer.layer_visual_tokens == [answer.n_visual // 2] * QWEN_SPEC.text_layers
         assert isinstance(answer.text, str)
-
-
-def test_qwen_answers_vlmevalkit_messages_with_a_pruner(tmp_path, monkeypatch):
-    """`model=qwen2_5_vl` pointed at a local copy, registered in VLMEvalKit: it answers an image message through
-    its own chat template, pruned at the budget asked for."""
-    from PIL import Image
-    from vlmeval.config import supported_VLM
-
-    from covipal.evaluation.vlmevalkit.model import register
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    directory = save_tiny_qwen(tmp_path / "qwen")
-    register(
-        "covipal_qwen_test",
-        "model=qwen2_5_vl",
-        f"model.name_or_path={directory}",
-        "model.dtype=float32",
-        "model.device=cpu",
-        "model.attn_implementation=sdpa",
-        "pruner=random",
-        "pruner.reserve_ratio=0.5",
-    )
-    model = supported_VLM.pop("covipal_qwen_test")()
-    Image.new("RGB", (96, 64), (0, 200, 0)).save(tmp_path / "green.png")
-    answer = model.generate(
-        [{"type": "image", "value": str(tmp_path / "green.png")}, {"type": "text", "value": "what colour?"}]
-    )
-    record = model.session.record
-    assert isinstance(answer, str) and int(record.n_visual[0]) == 24
-    assert record.layer_visual_tokens[:, 0].tolist() == [12] * 4
-    model.__exit__(None, None, None)

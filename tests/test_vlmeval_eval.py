@@ -393,3 +393,34 @@ def test_importing_vlmevalkit_leaves_gradients_on():
     import covipal.evaluation.vlmevalkit.model  # noqa: F401
 
     assert torch.is_grad_enabled()
+
+
+def test_qwen_answers_vlmevalkit_messages_with_a_pruner(tmp_path, monkeypatch, no_network):
+    """`model=qwen2_5_vl` pointed at a local copy, registered in VLMEvalKit: it answers an image message through
+    its own chat template, pruned at the budget asked for."""
+    from PIL import Image
+    from qwen_helpers import save_tiny_qwen
+    from vlmeval.config import supported_VLM
+
+    from covipal.evaluation.vlmevalkit.model import register
+
+    directory = save_tiny_qwen(tmp_path / "qwen")
+    register(
+        "covipal_qwen_test",
+        "model=qwen2_5_vl",
+        f"model.name_or_path={directory}",
+        "model.dtype=float32",
+        "model.device=cpu",
+        "model.attn_implementation=sdpa",
+        "pruner=random",
+        "pruner.reserve_ratio=0.5",
+    )
+    model = supported_VLM.pop("covipal_qwen_test")()
+    Image.new("RGB", (96, 64), (0, 200, 0)).save(tmp_path / "green.png")
+    answer = model.generate(
+        [{"type": "image", "value": str(tmp_path / "green.png")}, {"type": "text", "value": "what colour?"}]
+    )
+    record = model.session.record
+    assert isinstance(answer, str) and int(record.n_visual[0]) == 24
+    assert record.layer_visual_tokens[:, 0].tolist() == [12] * 4
+    model.__exit__(None, None, None)
