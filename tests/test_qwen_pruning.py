@@ -255,3 +255,15 @@ def test_exit_restores_the_model(name, ratio):
         model(**qwen_inputs("image"))
     assert hook_counts(model) == before
     assert not hasattr(model, "_covipal_pruning_session")
+
+
+def test_ground_truth_of_another_layout_is_refused_in_one_line():
+    """The tiny world's relevance masks count LLaVA-OneVision's tokens; measured against a Qwen prefill they are
+    refused, not silently misread."""
+    from covipal.errors import CovipalError
+
+    record, _ = run(qwen_model(), make("random", 0.5), qwen_inputs("image"))
+    assert record.relevant_kept(0, [True] * 24) == [0.5] * 4  # the right length: measured (random keeps half)
+    with pytest.raises(CovipalError, match="relevance has 336 entries but sample 0 has 24 visual tokens") as error:
+        record.relevant_kept(0, [True] * 336)
+    assert "\n" not in str(error.value)

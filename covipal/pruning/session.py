@@ -92,6 +92,11 @@ class PrefillRecord:
         if relevance is None:
             return None
         relevant = torch.as_tensor(relevance, dtype=torch.bool).to(self.n_visual.device)
+        if len(relevant) != int(self.n_visual[row]):
+            raise CovipalError(
+                f"relevance has {len(relevant)} entries but sample {row} has {int(self.n_visual[row])} visual tokens: "
+                "the ground truth is laid out for another model's visual tokens (the tiny world's is for tiny LLaVA)"
+            )
         if not bool(relevant.any()):
             return None
         return [
