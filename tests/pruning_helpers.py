@@ -17,9 +17,11 @@ from conftest import load_tiny, make_image_batch, make_inputs, prompt, random_im
 from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 
+from covipal.models.ppm import PPMClassifier, PPMConfig
 from covipal.pruning.covipal import CoViPALPruner
 from covipal.pruning.fastv import FastVPruner
 from covipal.pruning.none import NoPruner
+from covipal.pruning.vision_tokens import VisionTokens
 
 PPM = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 NUM_LAYERS = 12
@@ -277,3 +279,40 @@ def floor_budget(n_visual: int, fraction: Fraction) -> int:
 def exact(x: float) -> Fraction:
     """The decimal a user typed (0.29 means 29/100, not the binary float)."""
     return Fraction(str(x))
+
+
+# -- shared by the training and vision-side tests of both families ---------------------------------------------------
+def small_ppm(model) -> PPMClassifier:
+    """A seeded one-layer PPM at `model`'s LLM width."""
+    torch.manual_seed(0)
+    config = PPMConfig(model.config.text_config.hidden_size, 16, 32, num_layers=1, num_heads=2, num_kv_heads=1)
+    return PPMClassifier(config)
+
+
+class KeepMask:
+    """A test pruner keeping exactly the visual tokens in `keep` (before layer 0)."""
+
+    reserve_ratio = 1.0
+    drop_layers = (0,)
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+
+    def setup(self, model) -> None:
+        return None
+
+    def select(self, context):
+        return self.keep
+
+
+def tower_facts(model, inputs):
+    """The vision-side facts (with keys) of one forward of `model` on `inputs`, hooks removed afterwards."""
+    tokens = VisionTokens(with_attention=True, with_keys=True)
+    handles = tokens.attach(model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens.facts()

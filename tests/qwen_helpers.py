@@ -3,13 +3,11 @@ input) and its inputs: images of native sizes, a video, padded batches."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 from conftest import random_image, random_video
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.masking_utils import create_causal_mask
 
 from covipal.models.qwen_architecture import QwenArchitectureSpec, qwen_processor_and_config
 
@@ -92,33 +90,22 @@ def qwen_positions(model, inputs) -> torch.Tensor:
     )[0]
 
 
-@contextlib.contextmanager
-def masked_keys(lm, keep: torch.Tensor, mask2d: torch.Tensor, from_layer: int):
-    """Pre-hooks on decoder layers >= from_layer that hide the keys where keep is False (queries see themselves)."""
-    keep, mask2d = keep.bool(), mask2d.bool()
-    calls = []
-
-    def and_mask(b, h, q, kv):
-        return keep[b, kv] | (q == kv)
-
-    def hook(module, args, kwargs):
-        calls.append(1)
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = create_causal_mask(
-            config=lm.config,
-            inputs_embeds=args[0],
-            attention_mask=mask2d,
-            past_key_values=None,
-            and_mask_function=and_mask,
-        )
-        return args, kwargs
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in lm.layers[from_layer:]]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
+def qwen_batch_samples(dtype=torch.float32) -> list[dict]:
+    """The two samples of `qwen_inputs("batch")`, each processed alone (no padding)."""
+    processor = qwen_processor()
+    singles = [
+        processor(
+            text=[qwen_prompt(processor, "are they the same?", images=2)],
+            images=[random_image(0, 40, 40), random_image(1, 64, 32)],
+            return_tensors="pt",
+        ),
+        processor(
+            text=[qwen_prompt(processor, "what colour is the big square at the top right?", images=1)],
+            images=[random_image(2, 64, 96)],
+            return_tensors="pt",
+        ),
+    ]
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in dict(one).items()} for one in singles]
 
 
 def save_tiny_qwen(directory, spec=QWEN_SPEC):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_tiny, random_image
+from pruning_helpers import small_ppm
 
 from covipal.data.conversation import PROMPT_MASK, Conversation, TrainingCollator, turn_token_ids
 from covipal.data.sample import Sample
 from covipal.inference import encode
-from covipal.models.ppm import PPMClassifier, PPMConfig
+from covipal.models.ppm import PPMClassifier
 from covipal.pruning.covipal import CoViPALPruner
 from covipal.pruning.session import PruningSession
 from covipal.training.stage1 import Stage1Settings, Stage1Task
@@ -25,12 +26,6 @@ def conversations(turns: int, answers: list[str]) -> list[Conversation]:
         Conversation(list(zip(QUESTIONS[turns - 1], answers)), images=[random_image(seed, 40 + 24 * seed, 56)])
         for seed in range(2)
     ]
-
-
-def small_ppm(model) -> PPMClassifier:
-    torch.manual_seed(0)
-    config = PPMConfig(model.config.text_config.hidden_size, 16, 32, num_layers=1, num_heads=2, num_kv_heads=1)
-    return PPMClassifier(config)
 
 
 class Seen:

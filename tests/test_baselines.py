@@ -21,6 +21,7 @@ from pruning_helpers import (
     keep_from_compaction,
     pristine,
     to_float64,
+    tower_facts,
     visual_mask,
 )
 from transformers.masking_utils import create_causal_mask
@@ -39,7 +40,6 @@ from covipal.pruning.pdrop import PyramidDropPruner
 from covipal.pruning.pool import PoolPruner, grid_cells
 from covipal.pruning.session import PruningSession
 from covipal.pruning.sparsevlm import SparseVLMPruner, recycle_split, text_raters
-from covipal.pruning.vision_tokens import VisionTokens
 from covipal.pruning.visionzip import VisionZipPruner, contextual_merge
 from covipal.pruning.vitcop import ViTCoPPruner, cluster_selection, group_means, key_norms
 
@@ -463,17 +463,9 @@ def test_pdrop_and_sparsevlm_scores_equal_eager_attentions(tiny_dir, processor):
 def test_tower_attention_received_equals_eager_siglip(tiny_dir, processor):
     model = pristine(tiny_dir, "eager")
     inputs = get_inputs(processor, "image")
-    tokens = VisionTokens(with_attention=True, with_keys=True)
-    handles = tokens.attach(model)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    facts = tower_facts(model, inputs)
     with torch.no_grad():
         tower = model.model.vision_tower(inputs["pixel_values"][0], output_attentions=True)
-    facts = tokens.facts()
     from covipal.models.families.llava_onevision import scoring_layer
 
     attentions = tower.attentions[scoring_layer(model)]  # [crops, H, n, n]

@@ -68,10 +68,16 @@ def test_peak_sampler_sees_an_allocation():
     assert sampler.above_start > 32 * 2**20
 
 
-@pytest.mark.slow
-def test_tiny_bench_writes_every_figure(tmp_path):
+def run_bench_cli(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m covipal.bench *args` in `tmp_path`, offline, with its own empty cache."""
     env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-m", "covipal.bench", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_bench_writes_every_figure(tmp_path):
     run_dir = tmp_path / "bench"
     args = [
         "model.pretrain.steps=0",
@@ -84,14 +90,7 @@ def test_tiny_bench_writes_every_figure(tmp_path):
         "progress=false",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "covipal.bench", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_bench_cli(tmp_path, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dtype: float32 (model.dtype=float32)" in result.stdout  # the tiny model's own choice, said
     data = json.loads((run_dir / "bench.json").read_text())
@@ -143,16 +142,7 @@ def test_bad_bench_input_is_one_line_before_the_model_loads(given, named):
 
 
 def test_bad_bench_input_through_the_cli(tmp_path):
-    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "covipal.bench", "inputs=[video 32f]", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_bench_cli(tmp_path, ["inputs=[video 32f]", f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == [
@@ -165,8 +155,6 @@ def test_bad_bench_input_through_the_cli(tmp_path):
 @pytest.mark.slow
 def test_bench_runs_on_qwen_shapes(tmp_path):
     """`covipal.bench` on a small Qwen2.5-VL built from a spec: every figure, budgets counted in merged tokens."""
-    env = dict(os.environ, COVIPAL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     run_dir = tmp_path / "bench"
     small = (
         "model.spec.text_layers=4 model.spec.text_hidden=64 model.spec.text_intermediate=128 model.spec.text_heads=4 "
@@ -190,14 +178,7 @@ def test_bench_runs_on_qwen_shapes(tmp_path):
         "progress=false",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "covipal.bench", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_bench_cli(tmp_path, args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(r["input"], r["method"]): r for r in json.loads((run_dir / "bench.json").read_text())["rows"]}
     assert set(rows) == {

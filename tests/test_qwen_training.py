@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pruning_helpers import KeepMask, small_ppm
 from qwen_helpers import qwen_inputs, qwen_model, qwen_processor
 
 from covipal.data.conversation import turn_token_ids
 from covipal.models.families import visual_mask
-from covipal.models.ppm import PPMClassifier, PPMConfig
 from covipal.pruning.session import PruningSession
 from covipal.training.guidance import GuidanceProbe, query_rows_mask
 from covipal.training.soft_mask import SoftMaskSession
@@ -37,20 +37,6 @@ def test_stage1_labels_equal_eager_attention(kind, mode, reduce):
         batch = probe(inputs)
     assert torch.equal(batch.visual, visual) and expected[visual].abs().sum() > 0
     torch.testing.assert_close(batch.labels[visual], expected[visual], rtol=1e-4, atol=1e-5)
-
-
-class KeepMask:
-    reserve_ratio = 1.0
-    drop_layers = (0,)
-
-    def __init__(self, keep: torch.Tensor):
-        self.keep = keep
-
-    def setup(self, model) -> None:
-        return None
-
-    def select(self, context):
-        return self.keep
 
 
 @pytest.mark.parametrize("kind", ["image", "video", "batch"])
@@ -82,17 +68,7 @@ def test_a_stage2_step_trains_only_the_ppm():
 
     model = qwen_model("stage2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(0)
-    ppm = PPMClassifier(
-        PPMConfig(
-            input_size=model.config.text_config.hidden_size,
-            hidden_size=16,
-            intermediate_size=32,
-            num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-        )
-    )
+    ppm = small_ppm(model)
     conversations = [
         Conversation([("what colour is it?", "red")], images=[random_image(0, 40, 56)]),
         Conversation([("how many?", "two"), ("where?", "top left")], images=[random_image(1, 64, 32)]),

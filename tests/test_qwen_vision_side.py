@@ -7,16 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
-from pruning_helpers import floor_budget, hook_counts
-from qwen_helpers import QWEN_LAYERS, qwen_inputs, qwen_model, qwen_processor, qwen_prompt
+from pruning_helpers import floor_budget, hook_counts, tower_facts
+from qwen_helpers import QWEN_LAYERS, qwen_batch_samples, qwen_inputs, qwen_model, qwen_processor, qwen_prompt
 from transformers.vision_utils import get_vision_window_index
 
 from covipal.models.families import visual_mask
 from covipal.models.families.rows import VIDEO_VIEWS
 from covipal.pruning.pool import PoolPruner
 from covipal.pruning.session import PruningSession
-from covipal.pruning.vision_tokens import VisionTokens
 from covipal.pruning.visionzip import VisionZipPruner
 from covipal.pruning.vitcop import ViTCoPPruner, vitcop_counts
 
@@ -40,22 +38,10 @@ def run(model, pruner, inputs):
     return session.record, logits
 
 
-def facts_of(model, inputs):
-    tokens = VisionTokens(with_attention=True, with_keys=True)
-    handles = tokens.attach(model)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return tokens.facts()
-
-
 def test_token_facts_follow_qwens_merged_grids():
     model = qwen_model()
     inputs = qwen_inputs("image")  # 64 x 96 pixels -> 8 x 12 patches -> 4 x 6 visual tokens
-    facts = facts_of(model, inputs)
+    facts = tower_facts(model, inputs)
     visual = visual_mask(model.config, inputs["input_ids"])[0]
     assert tuple(inputs["image_grid_thw"][0].tolist()) == (1, 8, 12) and int(visual.sum()) == 24
     rows = (torch.arange(4).float() + 0.5) / 4
@@ -68,7 +54,7 @@ def test_token_facts_follow_qwens_merged_grids():
     torch.testing.assert_close(facts.score[0, visual].sum(), torch.tensor(0.25), atol=1e-5, rtol=0)
 
     video = qwen_inputs("video")  # 8 frames of 32 x 32 -> 4 pairs of frames, 2 x 2 tokens each
-    facts = facts_of(model, video)
+    facts = tower_facts(model, video)
     visual = visual_mask(model.config, video["input_ids"])[0]
     assert facts.view[0, visual].tolist() == [VIDEO_VIEWS + t for t in range(4) for _ in range(4)]
     for t in range(4):  # every pair of frames attends within the video: scores over the video sum to 1/4
@@ -115,23 +101,9 @@ def test_budgets_count_qwens_merged_tokens(name, ratio, kind):
 def test_padded_batch_matches_samples_alone(name):
     model = qwen_model("session", torch.float64)
     batch = qwen_inputs("batch", dtype=torch.float64)
-    processor = qwen_processor()
-    singles = [
-        processor(
-            text=[qwen_prompt(processor, "are they the same?", images=2)],
-            images=[random_image(0, 40, 40), random_image(1, 64, 32)],
-            return_tensors="pt",
-        ),
-        processor(
-            text=[qwen_prompt(processor, "what colour is the big square at the top right?", images=1)],
-            images=[random_image(2, 64, 96)],
-            return_tensors="pt",
-        ),
-    ]
     record, batch_logits = run(model, make(name, 0.5), batch)
     length = batch["input_ids"].shape[1]
-    for b, single in enumerate(singles):
-        single = {k: v.double() if v.is_floating_point() else v for k, v in dict(single).items()}
+    for b, single in enumerate(qwen_batch_samples(torch.float64)):
         n = single["input_ids"].shape[1]
         alone, logits = run(model, make(name, 0.5), single)
         assert torch.equal(alone.layer_visual_tokens[:, 0], record.layer_visual_tokens[:, b])

@@ -5,25 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_tiny, make_image_batch, make_inputs
+from pruning_helpers import KeepMask
 
 from covipal.pruning.session import PruningSession
 from covipal.training.soft_mask import SoftMaskSession
-
-
-class KeepMask:
-    """A test pruner keeping exactly the visual tokens in `keep` (before layer 0)."""
-
-    reserve_ratio = 1.0
-    drop_layers = (0,)
-
-    def __init__(self, keep: torch.Tensor):
-        self.keep = keep
-
-    def setup(self, model) -> None:
-        return None
-
-    def select(self, context):
-        return self.keep
 
 
 def constant(value: float):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_tiny
+from pruning_helpers import small_ppm
 
 from covipal.data.conversation import Conversation, TrainingCollator
 from covipal.errors import CovipalError
-from covipal.models.ppm import PPMClassifier, PPMConfig
 from covipal.training.loop import LoopConfig, train
 from covipal.training.stage2 import Stage2Settings, Stage2Task, budget_logits, retention_regularizer
 
@@ -75,19 +75,6 @@ def test_a_short_default_stage2_separates_the_retention_probabilities(tiny_dir, 
     train(task, data, collate, config, tmp_path, on_step=lambda step, row: margins.append(row["separation"]))
     assert len(margins) == 6
     assert margins[-1] > margins[0] + 0.1 and margins[-1] > 0.5
-
-
-def small_ppm(model) -> PPMClassifier:
-    torch.manual_seed(0)
-    config = PPMConfig(
-        input_size=model.config.text_config.hidden_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-    )
-    return PPMClassifier(config)
 
 
 def training_batch(processor):

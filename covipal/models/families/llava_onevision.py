@@ -25,7 +25,6 @@ MODEL_TYPE = "llava_onevision"
 
 class LlavaOneVision:
     name = MODEL_TYPE
-    position_rows = 0  # 1D positions: [B, T]
     model_class = LlavaOnevisionForConditionalGeneration
 
     @staticmethod

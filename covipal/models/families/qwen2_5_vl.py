@@ -27,7 +27,6 @@ MODEL_TYPE = "qwen2_5_vl"
 
 class Qwen25VL:
     name = MODEL_TYPE
-    position_rows = 3  # M-RoPE: [3, B, T]
     model_class = Qwen2_5_VLForConditionalGeneration
 
     @staticmethod
