@@ -84,6 +84,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from covipal.evaluation.vlmevalkit.model import PrunedVLM
     from covipal.evaluation.vlmevalkit.runner import run_benchmark, vlmeval_environment
     from covipal.tiny_world.export import BENCHMARKS, benchmark_relevance, ensure_benchmarks
+    from covipal.tiny_world.layout import layout_of
 
     root = vlmeval_environment(cfg.data_root or os.environ.get("LMUData") or default_cache_dir() / "LMUData")
     tiny_world = [name for name in datasets if name in BENCHMARKS]
@@ -97,8 +98,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     claim_output_dir(Path(cfg.output_dir), cfg, write=rank == 0)
     loaded = build_model(cfg)
     pruner.setup(loaded.model)  # a budget this model cannot meet stops here, before data and answers
+    layout = layout_of(loaded.model, loaded.processor) if tiny_world else None  # the ground truth's coordinates
     if tiny_world and rank == 0:
-        ensure_benchmarks(root, tiny_world, max(cfg.benchmark.tiny_world_rows, cfg.num_samples or 0))
+        ensure_benchmarks(root, tiny_world, max(cfg.benchmark.tiny_world_rows, cfg.num_samples or 0), layout=layout)
     if dist.is_initialized():
         dist.barrier()
     register_local_sets(
@@ -120,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     }
     with vlm:
         for name, kind in datasets.items():
-            vlm.relevance = benchmark_relevance(root, name) if name in tiny_world else None
+            vlm.relevance = benchmark_relevance(root, name, layout) if name in tiny_world else None
             result = run_benchmark(vlm, name, kind, output, loaded.name, cfg.num_samples, cfg.benchmark.judge)
             if result is not None:
                 metrics["benchmarks"][name] = result

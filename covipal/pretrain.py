@@ -1,5 +1,5 @@
-"""`python -m covipal.pretrain`: pretrain the tiny model on the tiny world (cached for model=tiny), then score it
-on held-out multiple-choice questions."""
+"""`python -m covipal.pretrain`: pretrain a tiny model on the tiny world (cached for model=tiny or
+model=tiny_qwen), then score it on held-out multiple-choice questions."""
 
 from __future__ import annotations
 
@@ -13,20 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from covipal.api import build_model
 from covipal.cli import run_hydra_entry, user_errors
 from covipal.errors import CovipalError
-from covipal.models.architecture import ArchitectureSpec
 from covipal.pruning.none import NoPruner
 from covipal.tiny_world.accuracy import benchmark_accuracy
-from covipal.tiny_world.model import tiny_base_checkpoint
+from covipal.tiny_world.model import DEFAULT_FAMILY, tiny_base_checkpoint, tiny_spec
 from covipal.tiny_world.pretrain import PretrainRecipe
 
 
 def run(cfg: DictConfig) -> dict:
     if not cfg.model._target_.endswith("tiny_world.model.load_tiny"):
-        raise CovipalError("covipal.pretrain builds the tiny model only; use model=tiny")
+        raise CovipalError("covipal.pretrain builds the tiny models only; use model=tiny or model=tiny_qwen")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    spec, recipe = ArchitectureSpec(**model_cfg["spec"]), PretrainRecipe(**model_cfg.get("pretrain", {}))
+    family = model_cfg.get("family", DEFAULT_FAMILY)
+    spec, recipe = tiny_spec(model_cfg["spec"], family), PretrainRecipe(**model_cfg.get("pretrain", {}))
     start = time.perf_counter()
-    directory = tiny_base_checkpoint(spec, recipe, model_cfg.get("cache_dir"), rebuild=cfg.force)
+    directory = tiny_base_checkpoint(spec, recipe, model_cfg.get("cache_dir"), rebuild=cfg.force, family=family)
     seconds = time.perf_counter() - start
     loaded = build_model(cfg)
     metrics = {"checkpoint": str(directory), "pretrain_seconds": seconds}

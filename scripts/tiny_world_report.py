@@ -4,6 +4,7 @@ the tables are printed and written next to the JSON as .md).
 
     python scripts/tiny_world_report.py                       # 2,000 questions per benchmark
     python scripts/tiny_world_report.py --questions 500 model.pretrain.steps=300
+    python scripts/tiny_world_report.py model=tiny_qwen          # the tiny Qwen2.5-VL
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/tiny_world_report.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.pretrain.steps=300")
     args = parser.parse_args()
-    cfg = api.compose("eval", ["model=tiny", *args.overrides])
+    chosen = [] if any(o.startswith("model=") for o in args.overrides) else ["model=tiny"]
+    cfg = api.compose("eval", [*chosen, *args.overrides])
     start = time.perf_counter()
     loaded = api.build_model(cfg)
     print(f"model ready in {time.perf_counter() - start:.0f} s")

@@ -89,6 +89,23 @@ def test_tiny_model_answers_through_vlmeval_without_network(data_root, tmp_path,
     assert saved["benchmarks"].keys() == metrics["benchmarks"].keys()
 
 
+def test_tiny_qwen_reads_the_tiny_worlds_ground_truth_in_its_own_layout(data_root, tmp_path, monkeypatch):
+    """`model=tiny_qwen pruner=oracle`: the benchmarks gain the ground truth in Qwen's tokens, and the oracle keeps
+    every relevant token of each image and video question at r = 0.5 (a budget of 32 of 64 tokens covers them)."""
+    from covipal.tiny_world.export import oracle_path
+
+    monkeypatch.setenv("COVIPAL_CACHE", str(tmp_path / "cache"))
+    cfg = config(data_root, tmp_path / "run", "model=tiny_qwen", "pruner=oracle", "pruner.reserve_ratio=0.5")
+    metrics = evaluate(cfg)
+    assert metrics["model"] == "tiny_qwen" and set(metrics["benchmarks"]) == set(TINY_WORLD)
+    for name, result in metrics["benchmarks"].items():
+        assert result["relevant_kept_mean_over_layers"] == 1.0, name
+        assert result["visual_tokens_per_layer"] == [32] * 4, name  # of Qwen's 64 merged tokens
+        written = list(data_root.glob(f"{name}_oracle_qwen2_5_vl_*.jsonl"))
+        assert len(written) == 1 and oracle_path(data_root, name).is_file()
+        assert {json.loads(line)["visual_tokens"] for line in written[0].read_text().splitlines()} == {64}
+
+
 def scripted_answer(message, dataset=None) -> str:
     """A deterministic mix of right and wrong answers in each benchmark's format (no model needed)."""
     text = " ".join(item["value"] for item in message if item["type"] == "text")

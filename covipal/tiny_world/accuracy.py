@@ -11,6 +11,7 @@ from covipal.inference import generate_answers
 from covipal.models.loading import LoadedModel
 from covipal.pruning.context import Pruner
 from covipal.tiny_world.export import benchmark_samples
+from covipal.tiny_world.layout import layout_of
 
 
 def accuracy(loaded: LoadedModel, pruner: Pruner, samples: list[Sample], batch_size: int = 32, progress=False):
@@ -29,4 +30,7 @@ def accuracy(loaded: LoadedModel, pruner: Pruner, samples: list[Sample], batch_s
 
 
 def benchmark_accuracy(loaded: LoadedModel, pruner: Pruner, name: str, count: int, **kwargs) -> dict:
-    return accuracy(loaded, pruner, benchmark_samples(name, count), **kwargs)
+    """`accuracy` on the first `count` questions of tiny-world benchmark `name` (ground truth in the model's
+    layout, for the oracle)."""
+    layout = layout_of(loaded.model, loaded.processor)
+    return accuracy(loaded, pruner, benchmark_samples(name, count, layout=layout), **kwargs)

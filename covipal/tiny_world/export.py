@@ -7,6 +7,8 @@
     <root>/LMUData/TinyWorld_VQA.tsv                 image short answer
     <root>/LMUData/TinyWorld_Video_MCQ.tsv + videos/TinyWorld_Video_MCQ/<index>.mp4   video multiple choice
     <root>/LMUData/<NAME>_oracle.jsonl               per row: the visual token positions the question is about
+                                                     (in the tiny LLaVA-OneVision's layout; another model's
+                                                     layout in <NAME>_oracle_<layout key>.jsonl)
     <root>/LMUData/TinyWorld.json                    what was written (generator version, rows per benchmark)
 
 Benchmarks use seeds disjoint from the training split's, so they are held out.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from covipal.data.sample import Sample
 from covipal.tiny_world.samples import image_sample, video_sample
-from covipal.tiny_world.synthetic import CHOICE_TYPES, GENERATOR_VERSION, YES_NO_TYPES
+from covipal.tiny_world.synthetic import CHOICE_TYPES, GENERATOR_VERSION, ONEVISION, YES_NO_TYPES, TokenLayout
 
 BENCHMARK_SEED = 10_000_000
 MCQ_COLUMNS = ["index", "question", "A", "B", "C", "D", "answer", "category", "image"]
@@ -90,18 +93,21 @@ def write_training_split(root: Path, images: int, videos: int, seed: int = 0, pr
     (root / "llava_video" / "tiny_world.json").write_text(json.dumps(records))
 
 
-def benchmark_samples(name: str, count: int, seed: int = BENCHMARK_SEED) -> list[Sample]:
-    """The held-out samples of one benchmark, regenerated from its seed (no files needed)."""
+def benchmark_samples(
+    name: str, count: int, seed: int = BENCHMARK_SEED, layout: TokenLayout = ONEVISION
+) -> list[Sample]:
+    """The held-out samples of one benchmark, regenerated from its seed (no files needed), their ground truth
+    over `layout`'s visual tokens (the questions and pictures do not depend on it)."""
     offsets = {"TinyWorld_MCQ": 0, "TinyWorld_YN": 1, "TinyWorld_VQA": 2, "TinyWorld_Video_MCQ": 3}
     rng = np.random.default_rng(seed + offsets[name])
     if name == "TinyWorld_MCQ":
-        return [image_sample(rng, "mcq", kinds=CHOICE_TYPES) for _ in range(count)]
+        return [image_sample(rng, "mcq", kinds=CHOICE_TYPES, layout=layout) for _ in range(count)]
     if name == "TinyWorld_YN":
-        return [image_sample(rng, "short", kinds=YES_NO_TYPES) for _ in range(count)]
+        return [image_sample(rng, "short", kinds=YES_NO_TYPES, layout=layout) for _ in range(count)]
     if name == "TinyWorld_VQA":
-        return [image_sample(rng, "short", kinds=CHOICE_TYPES) for _ in range(count)]
+        return [image_sample(rng, "short", kinds=CHOICE_TYPES, layout=layout) for _ in range(count)]
     if name == "TinyWorld_Video_MCQ":
-        return [video_sample(rng, "mcq") for _ in range(count)]
+        return [video_sample(rng, "mcq", layout=layout) for _ in range(count)]
     raise ValueError(f"unknown tiny-world benchmark {name}; choose one of {', '.join(offsets)}")
 
 
@@ -117,7 +123,7 @@ def write_benchmark(root: Path, name: str, count: int, progress: bool = True, di
     if video:
         (directory / "videos" / name).mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.tsv"
-    with open(path, "w", newline="") as handle, open(directory / f"{name}_oracle.jsonl", "w") as oracle:
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")
         mcq = name.endswith("MCQ")
         columns = MCQ_COLUMNS if mcq else ["index", "question", "answer", "category", "image"]
@@ -138,6 +144,26 @@ def write_benchmark(root: Path, name: str, count: int, progress: bool = True, di
             else:
                 row["image"] = _png_base64(sample.images[0])
             writer.writerow([row[c] for c in columns])
+    write_oracle(directory, name, samples, ONEVISION)
+    return path
+
+
+def layout_key(layout: TokenLayout) -> str:
+    """A file-name key for a layout: its family and a digest of its geometry."""
+    return f"{layout.name}_{hashlib.sha1(repr(layout).encode()).hexdigest()[:8]}"
+
+
+def oracle_path(directory: Path, name: str, layout: TokenLayout = ONEVISION) -> Path:
+    """Benchmark `name`'s ground truth in `layout` (the tiny LLaVA-OneVision's keeps its historical name)."""
+    suffix = "" if layout == ONEVISION else f"_{layout_key(layout)}"
+    return Path(directory) / f"{name}_oracle{suffix}.jsonl"
+
+
+def write_oracle(directory: Path, name: str, samples: list[Sample], layout: TokenLayout) -> Path:
+    """One line per row: its index, its visual token count in `layout` and the positions it is about."""
+    path = oracle_path(directory, name, layout)
+    with open(path, "w") as oracle:
+        for index, sample in enumerate(samples):
             relevant = np.flatnonzero(sample.relevance).tolist()
             oracle.write(
                 json.dumps({"index": index, "visual_tokens": len(sample.relevance), "relevant": relevant}) + "\n"
@@ -145,9 +171,12 @@ def write_benchmark(root: Path, name: str, count: int, progress: bool = True, di
     return path
 
 
-def ensure_benchmarks(lmu_data: str | Path, names, rows: int, progress: bool = True) -> None:
+def ensure_benchmarks(
+    lmu_data: str | Path, names, rows: int, progress: bool = True, layout: TokenLayout = ONEVISION
+) -> None:
     """Write the tiny world's benchmarks `names` (`rows` questions each) into the VLMEvalKit data root
-    `lmu_data` unless they are there already from this generator version with at least `rows` rows. Stale image and
+    `lmu_data` unless they are there already from this generator version with at least `rows` rows, with their
+    ground truth in `layout` (another model's layout is added beside the tiny LLaVA-OneVision's). Stale image and
     frame dumps VLMEvalKit keeps under `images/<NAME>` are removed with them."""
     import shutil
 
@@ -156,17 +185,28 @@ def ensure_benchmarks(lmu_data: str | Path, names, rows: int, progress: bool = T
     written = json.loads(marker.read_text()) if marker.is_file() else {}
     if written.get("generator_version") != GENERATOR_VERSION:
         written = {"generator_version": GENERATOR_VERSION, "rows": {}}
+    oracles = written.setdefault("oracles", {})
     for name in names:
-        if written["rows"].get(name, 0) >= rows and (root / f"{name}.tsv").is_file():
-            continue
-        written["rows"].pop(name, None)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(written))  # a crash from here on leaves the set marked absent
-        shutil.rmtree(root / "images" / name, ignore_errors=True)
-        shutil.rmtree(root / "videos" / name, ignore_errors=True)
-        write_benchmark(root.parent, name, rows, progress, directory=root)
-        written["rows"][name] = rows
-        marker.write_text(json.dumps(written))
+        key = f"{name}:{layout_key(layout)}"
+        if written["rows"].get(name, 0) < rows or not (root / f"{name}.tsv").is_file():
+            written["rows"].pop(name, None)
+            for stale in [k for k in oracles if k.startswith(f"{name}:")]:
+                oracles.pop(stale)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(written))  # a crash from here on leaves the set marked absent
+            shutil.rmtree(root / "images" / name, ignore_errors=True)
+            shutil.rmtree(root / "videos" / name, ignore_errors=True)
+            write_benchmark(root.parent, name, rows, progress, directory=root)
+            written["rows"][name] = rows
+            marker.write_text(json.dumps(written))
+        if layout != ONEVISION and (
+            oracles.get(key) != written["rows"][name] or not oracle_path(root, name, layout).is_file()
+        ):
+            oracles.pop(key, None)
+            marker.write_text(json.dumps(written))
+            write_oracle(root, name, benchmark_samples(name, written["rows"][name], layout=layout), layout)
+            oracles[key] = written["rows"][name]
+            marker.write_text(json.dumps(written))
 
 
 def write_tiny_world(
@@ -184,11 +224,11 @@ def write_tiny_world(
     return root
 
 
-def benchmark_relevance(root: Path, name: str):
-    """message -> relevance mask, for the tiny world's benchmarks: their media files are named by row index
-    (`images/<NAME>/<index>.png`, `videos/<NAME>/<index>.mp4`), and `<NAME>_oracle.jsonl` holds each row's."""
+def benchmark_relevance(root: Path, name: str, layout: TokenLayout = ONEVISION):
+    """message -> relevance mask in `layout`, for the tiny world's benchmarks: their media files are named by row
+    index (`images/<NAME>/<index>.png`, `videos/<NAME>/<index>.mp4`), and `oracle_path` holds each row's."""
     rows = {}
-    for line in (root / f"{name}_oracle.jsonl").read_text().splitlines():
+    for line in oracle_path(root, name, layout).read_text().splitlines():
         record = json.loads(line)
         mask = np.zeros(record["visual_tokens"], dtype=bool)
         mask[record["relevant"]] = True

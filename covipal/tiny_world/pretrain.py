@@ -1,4 +1,5 @@
-"""Pretraining the tiny LLaVA-OneVision from scratch on the tiny world (vision tower, projector and LLM)."""
+"""Pretraining a tiny model from scratch on the tiny world (vision tower, projector and LLM), whichever its family:
+the ground truth the grounding terms read is laid out in the model's own visual tokens (`layout.layout_of`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,16 @@ from covipal.errors import CovipalError
 from covipal.models.families import visual_mask
 from covipal.pruning.session import PruningSession
 from covipal.tiny_world.grounding import answer_query_rows, grounding_losses, turn_relevance
+from covipal.tiny_world.layout import layout_of
 from covipal.tiny_world.oracle import FocusPruner
 from covipal.tiny_world.samples import sample_stream
-from covipal.tiny_world.synthetic import IMAGE_QUESTION_TYPES, KEY_WORDS, VIDEO_QUESTION_TYPES
+from covipal.tiny_world.synthetic import (
+    IMAGE_QUESTION_TYPES,
+    KEY_WORDS,
+    ONEVISION,
+    VIDEO_QUESTION_TYPES,
+    TokenLayout,
+)
 from covipal.training.layer_input import LayerInputCapture
 
 
@@ -194,8 +202,8 @@ def turn_kinds(sample: Sample) -> list:
 
 
 def counted_tokens(samples: list[Sample], base_tokens: int) -> list[list]:
-    """Per sample and turn: for counting turns, the relevant tokens of the base tile (the first `base_tokens`
-    visual tokens of an image), else None."""
+    """Per sample and turn: for counting turns, the relevant tokens of the coarsest view (the first `base_tokens`
+    visual tokens of an image: LLaVA-OneVision's base tile), else None."""
     out = []
     for sample in samples:
         masks = sample.meta.get("turn_relevance", [sample.relevance])
@@ -286,11 +294,12 @@ def pretraining_loss(
     ids: dict,
     seed: int = 0,
     focus_on: str = "scene",
+    layout: TokenLayout = ONEVISION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(answer cross-entropy, sum of the grounding terms) with only the kept objects' tokens plus a random
     `keep_ratio` share of the other visual tokens (token dropout through the pruning session; 1 = the full input;
     a list: one ratio per sample; `focus_on`: which objects are always kept, `kept_objects`). `ids`:
-    `grounding_token_ids(tokenizer)`."""
+    `grounding_token_ids(tokenizer)`; `layout`: where the samples' ground truth lies in the model's tokens."""
     labels = batch.pop("labels")
     config = model.config
     input_ids = batch["input_ids"]
@@ -316,9 +325,8 @@ def pretraining_loss(
             probe = (lambda hidden: model.lm_head(language.norm(hidden)), answers)
         spread = None
         if recipe.count_spread:
-            vision = config.vision_config
-            base = (vision.image_size // vision.patch_size) ** 2
-            spread = turn_relevance(visual, counted_tokens(samples, base))
+            _, rows, columns, _ = layout.image_panels[0]
+            spread = turn_relevance(visual, counted_tokens(samples, rows * columns))
         if recipe.count_sink:
             relevance, spread = count_sink_targets(samples, visual, batch["attention_mask"], relevance)
         answer_rows = answer_query_rows(labels)
@@ -338,18 +346,20 @@ def pretraining_loss(
     return answer, grounding
 
 
-def batches(processor, recipe: PretrainRecipe):
-    """Seeded batches following the curriculum and the kind phases; image and video samples go in separate
-    batches."""
+def batches(processor, recipe: PretrainRecipe, layout: TokenLayout = ONEVISION):
+    """Seeded batches following the curriculum and the kind phases, their ground truth in `layout`; image and
+    video samples go in separate batches."""
     streams = {}
     for step in range(recipe.steps):
         key = (_objects_at(recipe, step), _kinds_at(recipe, step))
         if key not in streams:
             streams[key] = (
                 sample_stream(
-                    recipe.seed * 1000 + len(streams), 0.0, recipe.mcq_fraction, key[0], recipe.turns, key[1]
+                    recipe.seed * 1000 + len(streams), 0.0, recipe.mcq_fraction, key[0], recipe.turns, key[1], layout
                 ),
-                sample_stream(recipe.seed * 1000 + 500 + len(streams), 1.0, recipe.mcq_fraction, turns=recipe.turns),
+                sample_stream(
+                    recipe.seed * 1000 + 500 + len(streams), 1.0, recipe.mcq_fraction, turns=recipe.turns, layout=layout
+                ),
             )
         images, videos = streams[key]
         video = int((step + 1) * recipe.video_fraction) > int(step * recipe.video_fraction)
@@ -392,15 +402,15 @@ def pretrain(model, processor, recipe: PretrainRecipe, progress: bool = True) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     log = []
     start = time.perf_counter()
-    bar = tqdm(batches(processor, recipe), total=recipe.steps, desc="pretrain", disable=not progress)
+    layout = layout_of(model, processor)
+    bar = tqdm(batches(processor, recipe, layout), total=recipe.steps, desc="pretrain", disable=not progress)
     average = None
     device = next(model.parameters()).device
     for step, (batch, samples) in enumerate(bar):
         ratios = keep_ratios(recipe, step, len(samples))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
-            answer, grounding = pretraining_loss(
-                model, batch, samples, ratios, recipe, ids, recipe.seed * 1_000_003 + step, focus_objects(recipe, step)
-            )
+            seed, focus_on = recipe.seed * 1_000_003 + step, focus_objects(recipe, step)
+            answer, grounding = pretraining_loss(model, batch, samples, ratios, recipe, ids, seed, focus_on, layout)
             loss = answer + recipe.grounding_weight * grounding
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,8 +7,10 @@ import numpy as np
 from covipal.data.sample import Sample
 from covipal.tiny_world.synthetic import (
     IMAGE_QUESTION_TYPES,
+    ONEVISION,
     VIDEO_QUESTION_TYPES,
     Question,
+    TokenLayout,
     image_token_anchors,
     image_token_relevance,
     random_image_question,
@@ -52,45 +54,60 @@ def image_sample(
     max_objects: int = 7,
     turns: int = 1,
     mcq_fraction: float = 0.5,
+    layout: TokenLayout = ONEVISION,
 ) -> Sample:
-    """One image question (`turns` > 1 adds further questions about the same scene in `meta["turns"]`)."""
+    """One image question (`turns` > 1 adds further questions about the same scene in `meta["turns"]`), its ground
+    truth over the visual tokens of `layout`."""
     question = None
     while question is None:  # a scene that supports none of `kinds` is drawn again
         scene = random_scene(rng, min_objects, max_objects)
         question = random_image_question(rng, scene, kinds)
-    sample = _sample(question, fmt, image_token_relevance(scene, question.about), images=[scene.render()])
-    sample.meta["scene_relevance"] = image_token_relevance(scene, list(range(len(scene.objects))))
+    relevance = lambda about: image_token_relevance(scene, about, layout)  # noqa: E731
+    anchors = lambda about: image_token_anchors(scene, about, layout)  # noqa: E731
+    sample = _sample(question, fmt, relevance(question.about), images=[scene.render()])
+    sample.meta["scene_relevance"] = relevance(list(range(len(scene.objects))))
     ask = lambda: random_image_question(rng, scene, kinds)  # noqa: E731
-    relevance = lambda about: image_token_relevance(scene, about)  # noqa: E731
-    anchors = lambda about: image_token_anchors(scene, about)  # noqa: E731
     _add_turns(sample, rng, ask, relevance, turns, mcq_fraction, question, anchors)
     return sample
 
 
 def video_sample(
-    rng: np.random.Generator, fmt: str, kinds=VIDEO_QUESTION_TYPES, turns: int = 1, mcq_fraction: float = 0.5
+    rng: np.random.Generator,
+    fmt: str,
+    kinds=VIDEO_QUESTION_TYPES,
+    turns: int = 1,
+    mcq_fraction: float = 0.5,
+    layout: TokenLayout = ONEVISION,
 ) -> Sample:
+    """One video question (and further turns, as `image_sample`), its ground truth over `layout`'s tokens."""
     question = None
     while question is None:
         scene = random_video_scene(rng)
         question = random_video_question(rng, scene, kinds)
-    sample = _sample(question, fmt, video_token_relevance(scene, question.about), video=scene.render())
-    sample.meta["scene_relevance"] = video_token_relevance(scene, list(range(len(scene.objects))))
+    relevance = lambda about: video_token_relevance(scene, about, layout)  # noqa: E731
+    sample = _sample(question, fmt, relevance(question.about), video=scene.render())
+    sample.meta["scene_relevance"] = relevance(list(range(len(scene.objects))))
     ask = lambda: random_video_question(rng, scene, kinds)  # noqa: E731
-    _add_turns(sample, rng, ask, lambda about: video_token_relevance(scene, about), turns, mcq_fraction, question)
+    _add_turns(sample, rng, ask, relevance, turns, mcq_fraction, question)
     return sample
 
 
 def sample_stream(
-    seed: int, video_fraction: float = 0.25, mcq_fraction: float = 0.5, objects=(4, 7), turns: int = 1, kinds=None
+    seed: int,
+    video_fraction: float = 0.25,
+    mcq_fraction: float = 0.5,
+    objects=(4, 7),
+    turns: int = 1,
+    kinds=None,
+    layout: TokenLayout = ONEVISION,
 ):
-    """An endless seeded stream of training samples (conversations of `turns` questions about one scene)."""
+    """An endless seeded stream of training samples (conversations of `turns` questions about one scene), their
+    ground truth over `layout`'s tokens."""
     rng = np.random.default_rng(seed)
     while True:
         fmt = "mcq" if rng.random() < mcq_fraction else "short"
         if rng.random() < video_fraction:
-            yield video_sample(rng, fmt, turns=turns, mcq_fraction=mcq_fraction)
+            yield video_sample(rng, fmt, turns=turns, mcq_fraction=mcq_fraction, layout=layout)
         else:
-            yield image_sample(
-                rng, fmt, kinds or IMAGE_QUESTION_TYPES, objects[0], objects[1], turns=turns, mcq_fraction=mcq_fraction
-            )
+            image_kinds = kinds or IMAGE_QUESTION_TYPES
+            yield image_sample(rng, fmt, image_kinds, *objects, turns=turns, mcq_fraction=mcq_fraction, layout=layout)

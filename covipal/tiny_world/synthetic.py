@@ -331,47 +331,73 @@ def random_video_question(rng, scene: VideoScene, kinds=VIDEO_QUESTION_TYPES) ->
 
 
 # -- where objects land in the visual token sequence -------------------------------------------------------------
-def image_token_relevance(scene: Scene, about: list[int], patch: int = 8, crop: int = 64) -> np.ndarray:
-    """Bool mask over the visual tokens of one 128×128 image in LLaVA-OneVision's anyres layout (base tile of
-    (crop/patch)² tokens, then the full-resolution grid row by row, each row followed by a newline token) that
-    marks the tokens overlapping the objects in `about`."""
-    base = crop // patch  # base tile is the image resized to crop×crop
-    full = IMAGE_SIZE // patch  # full-resolution grid side (2×2 crops)
-    mask = np.zeros(base * base + full * (full + 1), dtype=bool)
-    base_px = IMAGE_SIZE / base
-    for index in about:
-        x0, y0, x1, y1 = scene.objects[index].box
-        for r in range(int(y0 // base_px), int(math.ceil(y1 / base_px))):
-            for c in range(int(x0 // base_px), int(math.ceil(x1 / base_px))):
-                mask[r * base + c] = True
-        for r in range(y0 // patch, math.ceil(y1 / patch)):
-            for c in range(x0 // patch, math.ceil(x1 / patch)):
-                mask[base * base + r * (full + 1) + c] = True
+# -- where the pictures lie in a model's visual tokens ---------------------------------------------------------
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a 128×128 image and an 8-frame 64×64 video lie in one model's visual tokens (`layout.layout_of`
+    reads it off a model and its processor). `image_panels`: views of the whole image as token grids (start, rows,
+    columns, stride; stride > columns where newline tokens close the rows), coarsest first; a video is `steps`
+    grids of `video_rows` × `video_columns` tokens one after another, each covering `frames_per_step` frames;
+    `*_tokens` count every visual token, newlines included. `name` tells layouts apart in file names."""
+
+    image_panels: tuple
+    image_tokens: int
+    frames_per_step: int
+    video_rows: int
+    video_columns: int
+    video_tokens: int
+    name: str
+
+
+# The tiny LLaVA-OneVision's anyres layout: the base tile (the image resized to 64×64: 8×8 tokens of 16 px), then
+# the 2×2 crops' full-resolution grid (16×16 tokens of 8 px) row by row, each row closed by a newline; a video is
+# 8 frames of 4×4 pooled tokens and one newline. Tests check it against the tiny model (tests/test_tiny_world.py).
+ONEVISION = TokenLayout(((0, 8, 8, 8), (64, 16, 16, 17)), 336, 1, 4, 4, 129, "llava_onevision")
+
+
+def _cells(low: float, high: float, cell: float) -> range:
+    """The cells of size `cell` that the pixel span [low, high) overlaps."""
+    return range(int(low // cell), int(math.ceil(high / cell)))
+
+
+def image_token_relevance(scene: Scene, about: list[int], layout: TokenLayout = ONEVISION) -> np.ndarray:
+    """Bool mask over the visual tokens of one 128×128 image in `layout` that marks, in every panel, the tokens
+    overlapping the objects in `about`."""
+    mask = np.zeros(layout.image_tokens, dtype=bool)
+    for start, rows, columns, stride in layout.image_panels:
+        height, width = IMAGE_SIZE / rows, IMAGE_SIZE / columns
+        for index in about:
+            x0, y0, x1, y1 = scene.objects[index].box
+            for r in _cells(y0, y1, height):
+                for c in _cells(x0, x1, width):
+                    mask[start + r * stride + c] = True
     return mask
 
 
-def image_token_anchors(scene: Scene, about: list[int], patch: int = 8, crop: int = 64) -> np.ndarray:
+def image_token_anchors(scene: Scene, about: list[int], layout: TokenLayout = ONEVISION) -> np.ndarray:
     """Bool mask over the same visual tokens as `image_token_relevance` that marks one token per object in
-    `about`: the full-resolution token of its top-left cell. One token per object, so attending evenly to them
-    weighs every object alike whatever its size."""
-    base, full = crop // patch, IMAGE_SIZE // patch
-    mask = np.zeros(base * base + full * (full + 1), dtype=bool)
+    `about`: the token of its top-left cell in the finest panel. One token per object, so attending evenly to
+    them weighs every object alike whatever its size."""
+    start, rows, columns, stride = layout.image_panels[-1]
+    mask = np.zeros(layout.image_tokens, dtype=bool)
     for index in about:
         x0, y0, _, _ = scene.objects[index].box
-        mask[base * base + (y0 // patch) * (full + 1) + x0 // patch] = True
+        mask[start + int(y0 // (IMAGE_SIZE / rows)) * stride + int(x0 // (IMAGE_SIZE / columns))] = True
     return mask
 
 
-def video_token_relevance(scene: VideoScene, about: list[int], pooled: int = 4) -> np.ndarray:
-    """Bool mask over a video's visual tokens (frames × pooled² tokens, then one newline) marking the pooled
-    cells that the objects in `about` overlap in the frames where they are visible."""
-    cell = VIDEO_SIZE / pooled
-    mask = np.zeros(VIDEO_FRAMES * pooled * pooled + 1, dtype=bool)
+def video_token_relevance(scene: VideoScene, about: list[int], layout: TokenLayout = ONEVISION) -> np.ndarray:
+    """Bool mask over a video's visual tokens in `layout` marking the cells that the objects in `about` overlap in
+    the frames where they are visible (a step of several frames: in any of them)."""
+    rows, columns = layout.video_rows, layout.video_columns
+    height, width = VIDEO_SIZE / rows, VIDEO_SIZE / columns
+    mask = np.zeros(layout.video_tokens, dtype=bool)
     for index in about:
         obj = scene.objects[index]
         for frame in range(obj.start, obj.end + 1):
             x, y = obj.position(frame)
-            for r in range(int(y // cell), int(math.ceil((y + VIDEO_OBJECT) / cell))):
-                for c in range(int(x // cell), int(math.ceil((x + VIDEO_OBJECT) / cell))):
-                    mask[frame * pooled * pooled + min(r, pooled - 1) * pooled + min(c, pooled - 1)] = True
+            start = frame // layout.frames_per_step * rows * columns
+            for r in _cells(y, y + VIDEO_OBJECT, height):
+                for c in _cells(x, x + VIDEO_OBJECT, width):
+                    mask[start + min(r, rows - 1) * columns + min(c, columns - 1)] = True
     return mask

@@ -9,6 +9,8 @@ pooling), per-token facts are written as channels of a per-crop tensor and pushe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration
@@ -25,6 +27,7 @@ MODEL_TYPE = "llava_onevision"
 
 class LlavaOneVision:
     name = MODEL_TYPE
+    spec_class = ArchitectureSpec
     model_class = LlavaOnevisionForConditionalGeneration
 
     @staticmethod
@@ -144,6 +147,15 @@ class LlavaOneVision:
             columns = int(newlines[0])
             panels.append((side * side, len(newlines), columns, columns + 1))
         return panels
+
+    @staticmethod
+    def video_token_grid(model: nn.Module, processor, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(frames per temporal step, rows, columns) of a video's visual tokens: one step per frame, each frame at
+        the tower's side and pooled by the model's own `apply_pooling` (the video's one newline follows them)."""
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        pooled = model.model.apply_pooling(torch.zeros(1, side * side, 1)).shape[1]
+        return 1, math.isqrt(pooled), math.isqrt(pooled)
 
     # -- the vision tower's facts ------------------------------------------------------------------------------
     @staticmethod

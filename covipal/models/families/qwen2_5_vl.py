@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -27,6 +28,7 @@ MODEL_TYPE = "qwen2_5_vl"
 
 class Qwen25VL:
     name = MODEL_TYPE
+    spec_class = QwenArchitectureSpec
     model_class = Qwen2_5_VLForConditionalGeneration
 
     @staticmethod
@@ -164,6 +166,15 @@ class Qwen25VL:
         )
         rows, columns = new_height // factor, new_width // factor
         return [(0, rows, columns, columns)]
+
+    @staticmethod
+    def video_token_grid(model: nn.Module, processor, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(frames per temporal step, rows, columns) of a video's visual tokens: the grid the video processor
+        gives `frames` frames of (height, width), in merged tokens; each step covers a group of frames."""
+        video = np.zeros((frames, height, width, 3), dtype=np.uint8)
+        steps, rows, columns = processor.video_processor(videos=[video], return_tensors="pt")["video_grid_thw"][0]
+        merge = model.config.vision_config.spatial_merge_size
+        return frames // int(steps), int(rows) // merge, int(columns) // merge
 
     # -- the vision tower's facts ------------------------------------------------------------------------------
     @staticmethod
