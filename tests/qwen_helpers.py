@@ -1,41 +1,66 @@
-"""The tiny Qwen2.5-VL of the tests (untrained, seeded, larger initial weights so greedy output varies with the
-input) and its inputs: images of native sizes, a video, padded batches."""
+"""The tiny Qwen models of the tests — Qwen2.5-VL and Qwen3-VL (untrained, seeded, larger initial weights so greedy
+output varies with the input) — and their inputs: images of native sizes, a video, padded batches.
+
+Test modules that import `qwen_family` run every test once per family: the autouse fixture sets the family the
+helpers build for (`current_family()`)."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
+import pytest
 import torch
 from conftest import random_image, random_video
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from covipal.models.qwen_architecture import QwenArchitectureSpec, qwen_processor_and_config
+from covipal.models.families import family_named
+from covipal.models.qwen_architecture import Qwen3ArchitectureSpec, QwenArchitectureSpec
 
 QWEN_SPEC = QwenArchitectureSpec(text_layers=4, initializer_range=0.3)
+SPECS = {"qwen2_5_vl": QWEN_SPEC, "qwen3_vl": Qwen3ArchitectureSpec(text_layers=4, initializer_range=0.3)}
 QWEN_LAYERS = QWEN_SPEC.text_layers
 _MODELS: dict = {}
+_CURRENT = {"family": "qwen2_5_vl"}
+
+
+@pytest.fixture(autouse=True, params=list(SPECS))
+def qwen_family(request):
+    """Run the test for each Qwen family (Qwen3-VL: DeepStack, no ViT windows)."""
+    _CURRENT["family"] = request.param
+    yield request.param
+    _CURRENT["family"] = "qwen2_5_vl"
+
+
+def current_family() -> str:
+    return _CURRENT["family"]
+
+
+def _built(family: str):
+    """(processor, config) of the family's tiny test model."""
+    if ("processor", family) not in _MODELS:
+        processor, config, _ = family_named(family).from_spec(asdict(SPECS[family]))
+        _MODELS[("processor", family)], _MODELS[("config", family)] = processor, config
+    return _MODELS[("processor", family)], _MODELS[("config", family)]
 
 
 def qwen_processor():
-    if "processor" not in _MODELS:
-        _MODELS["processor"], _MODELS["config"] = qwen_processor_and_config(QWEN_SPEC)
-    return _MODELS["processor"]
+    return _built(current_family())[0]
 
 
 def qwen_model(role: str = "session", dtype=torch.float32, backend: str = "sdpa"):
-    """One instance per (role, dtype, backend), all with the same weights: "reference" never sees a session."""
-    key = (role, dtype, backend)
+    """One instance per (family, role, dtype, backend), all of a family with the same weights: "reference" never
+    sees a session."""
+    family = current_family()
+    key = (family, role, dtype, backend)
     if key not in _MODELS:
-        qwen_processor()
-        config = copy.deepcopy(_MODELS["config"])
+        processor, config = _built(family)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(QWEN_SPEC.seed)
-            model = Qwen2_5_VLForConditionalGeneration._from_config(
-                config, dtype=torch.float32, attn_implementation=backend
+            torch.manual_seed(SPECS[family].seed)
+            model = family_named(family).model_class._from_config(
+                copy.deepcopy(config), dtype=torch.float32, attn_implementation=backend
             )
-        tok = _MODELS["processor"].tokenizer
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
         _MODELS[key] = model.to(dtype).eval()
     return _MODELS[key]
 
@@ -108,12 +133,15 @@ def qwen_batch_samples(dtype=torch.float32) -> list[dict]:
     return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in dict(one).items()} for one in singles]
 
 
-def save_tiny_qwen(directory, spec=QWEN_SPEC):
-    """The tiny Qwen's weights (seeded) and processor saved as one checkpoint in `directory`."""
-    processor, config = qwen_processor_and_config(spec)
+def save_tiny_qwen(directory, spec=None, family: str | None = None):
+    """The tiny Qwen of `family` (default: the current one; or one of `spec`): weights (seeded) and processor saved
+    as one checkpoint in `directory`."""
+    family = family or current_family()
+    spec = SPECS[family] if spec is None else spec
+    processor, config, _ = family_named(family).from_spec(asdict(spec))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        model = family_named(family).model_class._from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

@@ -153,21 +153,32 @@ def test_bad_bench_input_through_the_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_runs_on_qwen_shapes(tmp_path):
-    """`covipal.bench` on a small Qwen2.5-VL built from a spec: every figure, budgets counted in merged tokens."""
+@pytest.mark.parametrize(
+    "shapes, extra",
+    [
+        ("qwen2_5_vl_7b_shapes", ["model.spec.window_size=32", "model.spec.fullatt_blocks=[1]"]),
+        (
+            "qwen3_vl_8b_shapes",
+            ["model.spec.position_embeddings=64", "model.spec.deepstack_blocks=[0,1]", "model.spec.min_pixels=256"],
+        ),
+    ],
+)
+def test_bench_runs_on_qwen_shapes(tmp_path, shapes, extra):
+    """`covipal.bench` on a small Qwen2.5-VL / Qwen3-VL built from a spec: every figure, budgets counted in merged
+    tokens."""
     run_dir = tmp_path / "bench"
     small = (
         "model.spec.text_layers=4 model.spec.text_hidden=64 model.spec.text_intermediate=128 model.spec.text_heads=4 "
         "model.spec.text_kv_heads=2 model.spec.mrope_section=[2,3,3] model.spec.vision_depth=2 "
         "model.spec.vision_hidden=32 model.spec.vision_intermediate=64 model.spec.vision_heads=4 "
-        "model.spec.patch_size=8 model.spec.window_size=32 model.spec.fullatt_blocks=[1] "
-        "model.spec.max_pixels=16384 model.spec.video_max_pixels=4096 model.ppm.hidden_size=32 "
+        "model.spec.patch_size=8 model.spec.max_pixels=16384 model.spec.video_max_pixels=4096 model.ppm.hidden_size=32 "
         "model.ppm.intermediate_size=64 model.ppm.num_layers=1 model.ppm.num_heads=2 model.ppm.num_kv_heads=1 "
         "model.layer_plan.fastv_K=2 model.layer_plan.vitcop=[1,3] model.dtype=float32"
     ).split()
     args = [
-        "model=qwen2_5_vl_7b_shapes",
+        f"model={shapes}",
         *small,
+        *extra,
         "methods=[none,covipal,fastv,visionzip,vitcop]",
         "ratios=[0.5]",
         "inputs=[{kind:image,size:[64,96]},{kind:video,frames:8}]",

@@ -1,23 +1,34 @@
-"""Loading the second family: a Qwen2.5-VL checkpoint through the same `from_pretrained` path as LLaVA-OneVision,
-its real shapes built from a spec for the bench, the offline one-line error, and a processor that does not match."""
+"""Loading the Qwen families (Qwen2.5-VL, Qwen3-VL; each test runs for both): a checkpoint through the same
+`from_pretrained` path as LLaVA-OneVision, real shapes built from a spec for the bench, tower FLOPs as torch counts
+them, the offline one-line error, and a processor that does not match."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import pytest
 import torch
-from qwen_helpers import QWEN_SPEC, qwen_inputs, save_tiny_qwen
+from qwen_helpers import (
+    QWEN_SPEC,
+    SPECS,
+    current_family,
+    qwen_family,  # noqa: F401 (the autouse fixture: every test runs for each Qwen family)
+    qwen_inputs,
+    save_tiny_qwen,
+)
 
 from covipal.errors import CovipalError
-from covipal.models.families import family_of
+from covipal.models.families import family_named, family_of
 from covipal.models.loading import load_pretrained
-from covipal.models.qwen_architecture import QwenArchitectureSpec, qwen_processor_and_config
 from covipal.models.shapes import load_shaped
+
+HUB_IDS = {"qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen3_vl": "Qwen/Qwen3-VL-8B-Instruct"}
 
 
 def test_a_saved_qwen_loads_through_from_pretrained_and_answers(tmp_path):
     directory = save_tiny_qwen(tmp_path / "qwen")
     loaded = load_pretrained(str(directory), attn_implementation="sdpa", dtype="float32", device="cpu")
-    assert family_of(loaded.model).name == "qwen2_5_vl"
+    assert family_of(loaded.model).name == current_family()
     inputs = qwen_inputs("image")
     with torch.no_grad():
         out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
@@ -27,7 +38,7 @@ def test_a_saved_qwen_loads_through_from_pretrained_and_answers(tmp_path):
 def test_a_processor_that_merges_otherwise_is_refused(tmp_path):
     directory = save_tiny_qwen(tmp_path / "qwen")
     other = tmp_path / "other"
-    processor, _ = qwen_processor_and_config(QwenArchitectureSpec(text_layers=4, patch_size=4))
+    processor, _, _ = family_named(current_family()).from_spec(asdict(replace(SPECS[current_family()], patch_size=4)))
     processor.save_pretrained(other)
     with pytest.raises(CovipalError) as error:
         load_pretrained(str(directory), device="cpu", dtype="float32", processor_path=str(other))
@@ -37,14 +48,14 @@ def test_a_processor_that_merges_otherwise_is_refused(tmp_path):
 def test_qwen_offline_without_weights_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CovipalError) as error:
-        load_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", device="cpu")
+        load_pretrained(HUB_IDS[current_family()], device="cpu")
     assert "\n" not in str(error.value) and "model.name_or_path=" in str(error.value)
 
 
 def test_qwen_shapes_build_from_a_spec():
     spec = {"text_layers": 2, "text_hidden": 64, "vision_depth": 2, "fullatt_blocks": [1]}
-    loaded = load_shaped(spec, "qwen_small_shapes", family="qwen2_5_vl", dtype="float32", device="cpu")
-    assert family_of(loaded.model).name == "qwen2_5_vl"
+    loaded = load_shaped(spec, "qwen_small_shapes", family=current_family(), dtype="float32", device="cpu")
+    assert family_of(loaded.model).name == current_family()
     assert loaded.model.config.text_config.num_hidden_layers == 2
     assert loaded.model.config.real_vocab_size == 151646
     with pytest.raises(CovipalError, match="model family 'qwen9'"):
@@ -52,8 +63,9 @@ def test_qwen_shapes_build_from_a_spec():
 
 
 def test_qwen_tower_flops_equal_torch_flop_counter():
-    """The family's description of its ViT's work (windowed and full-attention blocks, patch embedding, merger)
-    counts what torch counts, for images of two sizes and a video."""
+    """The family's description of its ViT's work (Qwen2.5-VL: windowed and full-attention blocks; Qwen3-VL: full
+    attention, plain MLPs, DeepStack's mergers; patch embedding, merger) counts what torch counts, for images of
+    two sizes and a video."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from covipal.efficiency.flops import vision_flops

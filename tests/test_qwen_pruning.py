@@ -12,7 +12,15 @@ from fractions import Fraction
 import pytest
 import torch
 from pruning_helpers import PPM, exact, floor_budget, hook_counts, keep_from_compaction
-from qwen_helpers import QWEN_LAYERS, qwen_batch_samples, qwen_inputs, qwen_model, qwen_positions
+from qwen_helpers import (
+    QWEN_LAYERS,
+    current_family,
+    qwen_batch_samples,
+    qwen_family,  # noqa: F401 (the autouse fixture: every test runs for each Qwen family)
+    qwen_inputs,
+    qwen_model,
+    qwen_positions,
+)
 
 from covipal.models.families import family_of, visual_mask
 from covipal.pruning.covipal import CoViPALPruner
@@ -48,7 +56,7 @@ KINDS = ["image", "video", "batch"]
 
 def test_family_is_qwen():
     model = qwen_model()
-    assert family_of(model).name == "qwen2_5_vl"
+    assert family_of(model).name == current_family()
 
 
 def run(model, pruner, inputs):
@@ -149,6 +157,34 @@ def test_pruned_forward_equals_masked_full_forward(name, ratio, kind):
     assert (got - kept_rows(stock, kept)).abs().max() > 1e-3  # the check has teeth
 
 
+@pytest.mark.parametrize("kind", ["image", "batch"])
+def test_deepstack_inputs_go_with_their_tokens(kind, monkeypatch):
+    """Qwen3-VL adds DeepStack's visual inputs after the first LLM layers. Pruned == masked holds with each kept
+    token given its own inputs (the session's post-hooks) and a pruned token's dropped; given none, or each
+    token its neighbour's, the pruned forward is far from the masked reference — so that check sees them."""
+    if current_family() != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    inputs = qwen_inputs(kind, dtype=torch.float64)
+    model = qwen_model("session", torch.float64)
+    assert family_of(model).injected_layers(model) == 2
+    record, pruned = run(model, RandomPruner(0.5, seed=1), inputs)
+    keeps = layer_keeps(record, inputs["input_ids"].shape[1])
+    reference = qwen_model("reference", torch.float64)
+    with torch.no_grad(), masked_layers(reference, keeps, inputs["attention_mask"]):
+        masked = kept_rows(reference(**inputs, position_ids=qwen_positions(reference, inputs)).logits, record.kept)
+    torch.testing.assert_close(pruned[record.kept.valid], masked, atol=1e-5, rtol=0)
+    injection = PruningSession._injection
+    for wrong in (
+        lambda mask, inputs: (mask, [x * 0 for x in inputs]),
+        lambda mask, inputs: (mask, [x.roll(1, 0) for x in inputs]),
+    ):
+        monkeypatch.setattr(
+            PruningSession, "_injection", staticmethod(lambda mask, inputs, w=wrong: injection(*w(mask, inputs)))
+        )
+        _, misplaced = run(model, RandomPruner(0.5, seed=1), inputs)
+        assert (misplaced[record.kept.valid] - masked).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("ratio", [0.5, 0.29, 0.25])
 @pytest.mark.parametrize("name", ["covipal", "random"])
@@ -175,9 +211,15 @@ def test_padded_batch_equals_each_sample_alone(name, ratio):
         torch.testing.assert_close(logits[b, -1], alone[0, -1], atol=1e-6, rtol=0)
 
 
+def placeholders(model) -> list[int]:
+    return [model.config.image_token_id, model.config.video_token_id]
+
+
 def reference_decode(model, inputs, keeps, steps: int):
     """Greedy tokens with no session and no cache: the whole sequence re-run every step, each layer's keys
-    restricted to what its stage keeps (generated tokens all kept), positions the model's own."""
+    restricted to what its stage keeps (generated tokens all kept), positions the model's own; the end-of-message
+    token is never chosen, as `generate(min_new_tokens=steps)` never chooses it, nor are the placeholders (a stock
+    re-run would count a generated one as visual; `generate` is given `suppress_tokens=placeholders(model)`)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     types = inputs["mm_token_type_ids"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -187,7 +229,9 @@ def reference_decode(model, inputs, keeps, steps: int):
         grown = [torch.cat([keep, torch.ones(batch, step, dtype=torch.bool)], dim=1) for keep in keeps]
         with torch.no_grad(), masked_layers(model, grown, mask):
             logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **extra).logits
-        nxt = logits[:, -1].argmax(-1)
+        last = logits[:, -1].clone()
+        last[:, [model.generation_config.eos_token_id, *placeholders(model)]] = float("-inf")
+        nxt = last.argmax(-1)
         tokens.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -201,7 +245,13 @@ def test_generate_equals_masked_reference(name, ratio, kind):
     inputs = qwen_inputs(kind, dtype=torch.float64)
     model = qwen_model("session", torch.float64)
     with torch.no_grad(), PruningSession(model, make(name, ratio)) as session:
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, min_new_tokens=MAX_NEW)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            min_new_tokens=MAX_NEW,
+            suppress_tokens=placeholders(model),
+        )
     generated = out[:, inputs["input_ids"].shape[1] :]
     keeps = layer_keeps(session.record, inputs["input_ids"].shape[1])
     want = reference_decode(qwen_model("reference", torch.float64), inputs, keeps, MAX_NEW)

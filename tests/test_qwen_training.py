@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from pruning_helpers import KeepMask, small_ppm
-from qwen_helpers import qwen_inputs, qwen_model, qwen_processor
+from qwen_helpers import (
+    qwen_family,  # noqa: F401 (the autouse fixture: every test runs for each Qwen family)
+    qwen_inputs,
+    qwen_model,
+    qwen_processor,
+)
 
 from covipal.data.conversation import turn_token_ids
 from covipal.models.families import visual_mask

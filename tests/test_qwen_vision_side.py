@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 from pruning_helpers import floor_budget, hook_counts, tower_facts
-from qwen_helpers import QWEN_LAYERS, qwen_batch_samples, qwen_inputs, qwen_model, qwen_processor, qwen_prompt
-from transformers.vision_utils import get_vision_window_index
+from qwen_helpers import (
+    QWEN_LAYERS,
+    current_family,
+    qwen_batch_samples,
+    qwen_family,  # noqa: F401 (the autouse fixture: every test runs for each Qwen family)
+    qwen_inputs,
+    qwen_model,
+    qwen_processor,
+    qwen_prompt,
+)
 
-from covipal.models.families import visual_mask
+from covipal.models.families import family_of, visual_mask
 from covipal.models.families.rows import VIDEO_VIEWS
 from covipal.pruning.pool import PoolPruner
 from covipal.pruning.session import PruningSession
@@ -61,20 +69,19 @@ def test_token_facts_follow_qwens_merged_grids():
         assert torch.allclose(facts.row[0, visual][4 * t : 4 * t + 4], torch.tensor([0.25, 0.25, 0.75, 0.75]))
 
 
-def test_the_window_order_is_undone_as_the_model_undoes_it():
+def test_the_towers_order_is_put_back_as_the_model_puts_it_back():
     """The merger's output, put in the LLM's order by the model, equals the merger applied to the tower's last
-    hidden states reordered the way the adapter reorders the facts (argsort of the window index)."""
+    hidden states reordered the way the adapter reorders the facts (Qwen2.5-VL: argsort of the window index;
+    Qwen3-VL: no windows, no reordering)."""
     model = qwen_model()
     inputs = qwen_inputs("batch")
     visual = model.model.visual
     with torch.no_grad():
         out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        vision = model.config.vision_config
-        window_index, _ = get_vision_window_index(
-            inputs["image_grid_thw"], vision.spatial_merge_size, vision.window_size, vision.patch_size
-        )
-        assert not torch.equal(window_index, torch.arange(len(window_index)))  # the permutation is not trivial
-        again = visual.merger(out.last_hidden_state)[torch.argsort(window_index)]
+        order = family_of(model).tower_to_llm_order(model.config.vision_config, inputs["image_grid_thw"], "cpu")
+        windows = not torch.equal(order, torch.arange(len(order)))
+        assert windows == (current_family() == "qwen2_5_vl")  # the permutation is not trivial where there are windows
+        again = visual.merger(out.last_hidden_state)[order]
     torch.testing.assert_close(again, out.pooler_output, atol=0, rtol=0)
 
 

@@ -412,19 +412,20 @@ def test_importing_vlmevalkit_leaves_gradients_on():
     assert torch.is_grad_enabled()
 
 
-def test_qwen_answers_vlmevalkit_messages_with_a_pruner(tmp_path, monkeypatch, no_network):
-    """`model=qwen2_5_vl` pointed at a local copy, registered in VLMEvalKit: it answers an image message through
-    its own chat template, pruned at the budget asked for."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_answers_vlmevalkit_messages_with_a_pruner(tmp_path, monkeypatch, no_network, family):
+    """`model=qwen2_5_vl` / `model=qwen3_vl` pointed at a local copy, registered in VLMEvalKit: it answers an image
+    message through its own chat template, pruned at the budget asked for."""
     from PIL import Image
     from qwen_helpers import save_tiny_qwen
     from vlmeval.config import supported_VLM
 
     from covipal.evaluation.vlmevalkit.model import register
 
-    directory = save_tiny_qwen(tmp_path / "qwen")
+    directory = save_tiny_qwen(tmp_path / "qwen", family=family)
     register(
         "covipal_qwen_test",
-        "model=qwen2_5_vl",
+        f"model={family}",
         f"model.name_or_path={directory}",
         "model.dtype=float32",
         "model.device=cpu",

@@ -11,6 +11,15 @@ import torch
 from torch import nn
 
 
+def heads(attn: nn.Module, which: str, normed: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, head_dim]: the layer's queries (`which` = "q") or keys ("k") of its normed input, before the
+    rotation; with the per-head RMSNorm the layer applies there where it has one (Qwen3's LLM: q_norm, k_norm)."""
+    batch, length = normed.shape[:2]
+    states = getattr(attn, f"{which}_proj")(normed).view(batch, length, -1, attn.head_dim)
+    norm = getattr(attn, f"{which}_norm", None)
+    return (states if norm is None else norm(states)).transpose(1, 2)
+
+
 class _LayerAttention:
     """Keys of one decoder layer for a whole sequence; query rows on demand."""
 
@@ -23,7 +32,7 @@ class _LayerAttention:
         self.head_dim = self.attn.head_dim
         self.normed = layer.input_layernorm(hidden_states)
         self.cos, self.sin = (t.expand(self.batch, -1, -1) for t in position_embeddings)
-        key = self.attn.k_proj(self.normed).view(self.batch, self.length, -1, self.head_dim).transpose(1, 2)
+        key = heads(self.attn, "k", self.normed)
         _, key = self.rope(key, key, self.cos, self.sin)
         self.key = key.float()
         self.key_mask = key_mask
@@ -32,7 +41,7 @@ class _LayerAttention:
         """Softmax attention [B, H, Q, T] (float32) of the query positions `query_index` [B, Q]."""
         index = query_index[..., None]
         rows = self.normed.gather(1, index.expand(-1, -1, self.normed.shape[-1]))
-        query = self.attn.q_proj(rows).view(self.batch, rows.shape[1], -1, self.head_dim).transpose(1, 2)
+        query = heads(self.attn, "q", rows)
         row_cos = self.cos.gather(1, index.expand(-1, -1, self.head_dim))
         row_sin = self.sin.gather(1, index.expand(-1, -1, self.head_dim))
         query, _ = self.rope(query, query, row_cos, row_sin)

@@ -7,7 +7,9 @@ How a pruned forward works (prefill):
   3. pre-hooks on decoder layers do the same at the layers where the pruner drops tokens inside the LLM
      (gathering hidden states and rotary embeddings, and rebuilding that layer's attention mask with the model's
      own mask function, so every attention backend gets the mask form it expects).
-Rows that keep different numbers of tokens are left-padded. During decoding the cache holds only kept tokens:
+Rows that keep different numbers of tokens are left-padded. Visual inputs a family adds after the first LLM layers
+(Qwen3-VL's DeepStack) are taken out of the LLM's call and added by post-hooks to the tokens still there, each its
+own. During decoding the cache holds only kept tokens:
 the hooks splice the kept prefix into `attention_mask` and give new tokens the positions that follow the
 *original* sequence length. Nothing is assigned to any class; `__exit__` restores the instance bit for bit.
 """
@@ -130,6 +132,7 @@ class PruningSession:
         self._stash: dict[int, torch.Tensor] = {}
         self._decode_suffix: torch.Tensor | None = None
         self._decode_masks: dict[int, object] = {}
+        self._injected: tuple | None = None  # (visual mask [B, T], per-layer inputs, row of each position)
         self.extras: dict = {}  # per-batch side information for pruners (e.g. the oracle's relevant tokens)
 
     # -- installation ---------------------------------------------------------------------------------------
@@ -150,6 +153,8 @@ class PruningSession:
             self._handles.append(
                 self.language_model.register_forward_pre_hook(self._language_model_hook, with_kwargs=True)
             )
+            for index in range(self.family.injected_layers(self.model)):
+                self._handles.append(self.layers[index].register_forward_hook(self._make_inject_hook(index)))
             if self._inner_drops:
                 watched = set(range(min(self._inner_drops) - 1, num_layers))
                 for index in sorted(watched):
@@ -169,6 +174,7 @@ class PruningSession:
         self._handles.clear()
         self._stash.clear()
         self._decode_masks.clear()
+        self._injected = None
         if getattr(self.model, _MARK, None) is self:
             delattr(self.model, _MARK)
 
@@ -204,8 +210,20 @@ class PruningSession:
             self._prefill_start = None
 
     def _language_model_hook(self, module, args, kwargs):
-        if self._decoding:
-            return self._language_model_decode(kwargs)
+        kwargs, injected = self.family.split_layer_inputs(kwargs)
+        self._injected = None if injected is None or self._decoding else self._injection(*injected)
+        changed = (self._language_model_decode if self._decoding else self._language_model_prefill)(args, kwargs)
+        return changed if changed is not None else (args, kwargs)
+
+    @staticmethod
+    def _injection(mask: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
+        """The per-layer visual inputs with, for every original position, its row in them (row-major over the
+        mask, as the model lays them out)."""
+        mask = mask.bool()
+        rows = (mask.flatten().long().cumsum(0) - 1).view_as(mask)
+        return mask, inputs, rows
+
+    def _language_model_prefill(self, args, kwargs):
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         visual = self._pending_visual
@@ -246,7 +264,7 @@ class PruningSession:
         kwargs["position_ids"] = new.position_ids
         return args, kwargs
 
-    def _language_model_decode(self, kwargs):
+    def _language_model_decode(self, args, kwargs):
         record = self._record
         self._decode_masks.clear()
         if record is None or len(record.stages) == 1:
@@ -275,6 +293,27 @@ class PruningSession:
         if positions is not None:
             kwargs["position_ids"] = positions
         return (), kwargs
+
+    def _make_inject_hook(self, index: int):
+        def hook(module, args, output):
+            return self._inject(index, output)
+
+        return hook
+
+    def _inject(self, index: int, output):
+        """After layer `index`, add each visual token still in the sequence its own input for that layer."""
+        if self._decoding or self._injected is None or self._record is None:
+            return None
+        mask, inputs, rows = self._injected
+        if index >= len(inputs):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        stage = self._record.stages[-1]  # the tokens this layer ran on
+        source = self._source_index(stage, hidden)
+        take = stage.visual & mask.gather(1, source)
+        hidden = hidden.clone()
+        hidden[take] = hidden[take] + inputs[index][rows.gather(1, source)[take]].to(hidden.device, hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _make_layer_hook(self, index: int):
         def hook(module, args, kwargs):

@@ -131,17 +131,27 @@ class VisionTokens:
         )
 
 
+FEATURE_FUNCTIONS = ("get_image_features", "get_video_features")
+
+
 def _feature_function_frame():
-    """The frame of the model's get_image_features / get_video_features that called the tower."""
-    frame = sys._getframe(2)
+    """The frame of the model's get_image_features / get_video_features that called the tower: the outermost of
+    the model's own (Qwen3-VL's get_video_features calls its get_image_features; its frame says "videos" and holds
+    the video layout), never a wrapper's on another module (LLaVA's ...ForConditionalGeneration)."""
+    frame, found = sys._getframe(2), None
     while frame is not None:
-        if frame.f_code.co_name in ("get_image_features", "get_video_features"):
-            return frame  # the innermost: the model's own, which holds the layout
+        if frame.f_code.co_name in FEATURE_FUNCTIONS:
+            owner = frame.f_locals.get("self")
+            if found is not None and owner is not found.f_locals.get("self"):
+                break
+            found = frame
         frame = frame.f_back
-    raise CovipalError(
-        "the vision tower ran outside the model's get_image_features / get_video_features; vision-side pruners "
-        "read the image layout there"
-    )
+    if found is None:
+        raise CovipalError(
+            "the vision tower ran outside the model's get_image_features / get_video_features; vision-side pruners "
+            "read the image layout there"
+        )
+    return found
 
 
 def merge_per_view(context, facts: TokenFacts, ratio: float, fold) -> Merge:

@@ -29,6 +29,7 @@ from covipal.pruning.budget import check_ratio, keep_top_visual, split_budget
 from covipal.pruning.clustering import visual_information_clusters
 from covipal.pruning.context import LayerContext, Merge
 from covipal.pruning.schedules import check_layers
+from covipal.pruning.scoring import heads
 from covipal.pruning.vision_tokens import VisionTokens
 
 CENTRE_RATIOS = ((1 / 9, 0.12), (2 / 9, 0.15), (1 / 3, 0.18))
@@ -41,10 +42,9 @@ def centre_ratio(reserve_ratio: float) -> float:
 
 
 def key_norms(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """[B, T]: mean over key heads of the L2 norm of each token's key in `layer` (from its input `hidden`)."""
-    attn = layer.self_attn
-    keys = attn.k_proj(layer.input_layernorm(hidden))
-    keys = keys.view(*hidden.shape[:2], -1, attn.head_dim).float()
+    """[B, T]: mean over key heads of the L2 norm of each token's key in `layer` (from its input `hidden`; after
+    the layer's per-head key norm where it has one)."""
+    keys = heads(layer.self_attn, "k", layer.input_layernorm(hidden)).transpose(1, 2).float()
     return keys.norm(dim=-1).mean(-1)
 
 

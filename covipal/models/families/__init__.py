@@ -1,5 +1,5 @@
 """Model families: what the pruning session, the pruners and the harnesses need to know about a model, one module
-per family (`llava_onevision`, `qwen2_5_vl`). Outside these modules no code names a family; it asks
+per family (`llava_onevision`, `qwen2_5_vl`, `qwen3_vl`). Outside these modules no code names a family; it asks
 `family_of(model)` for the adapter of the model in hand."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from covipal.errors import CovipalError
-from covipal.models.families import llava_onevision, qwen2_5_vl
+from covipal.models.families import llava_onevision, qwen2_5_vl, qwen3_vl
 
-FAMILIES = {module.MODEL_TYPE: module.ADAPTER for module in (llava_onevision, qwen2_5_vl)}
+FAMILIES = {module.MODEL_TYPE: module.ADAPTER for module in (llava_onevision, qwen2_5_vl, qwen3_vl)}
 
 
 def family_of(model: nn.Module):

@@ -72,6 +72,16 @@ class LlavaOneVision:
             return None
         return (torch.arange(steps, device=device) + start)[None].expand(batch, steps)
 
+    @staticmethod
+    def injected_layers(model: nn.Module) -> int:
+        """How many of the first LLM layers get visual inputs added to their output (Qwen3-VL's DeepStack): none."""
+        return 0
+
+    @staticmethod
+    def split_layer_inputs(kwargs: dict) -> tuple[dict, None]:
+        """(the LLM's call without its per-layer visual inputs, those inputs): none here."""
+        return kwargs, None
+
     # -- the efficiency harness --------------------------------------------------------------------------------
     @staticmethod
     def encode_vision(model: nn.Module, batch: dict) -> tuple[dict, list]:

@@ -99,6 +99,16 @@ class Qwen25VL:
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device) if deltas is None else deltas.to(device)
         return (text + deltas.expand(batch, 1))[None].expand(3, batch, steps)
 
+    @staticmethod
+    def injected_layers(model: nn.Module) -> int:
+        """How many of the first LLM layers get visual inputs added to their output (Qwen3-VL's DeepStack): none."""
+        return 0
+
+    @staticmethod
+    def split_layer_inputs(kwargs: dict) -> tuple[dict, None]:
+        """(the LLM's call without its per-layer visual inputs, those inputs): none here."""
+        return kwargs, None
+
     # -- the efficiency harness --------------------------------------------------------------------------------
     @staticmethod
     def encode_vision(model: nn.Module, batch: dict) -> tuple[dict, list]:
@@ -211,13 +221,20 @@ class Qwen25VL:
         return {"grid_thw": found["image_grid_thw" if kind == "images" else "video_grid_thw"]}
 
     @staticmethod
-    def token_rows(model: nn.Module, kind: str, encoded: dict, with_keys: bool, device) -> torch.Tensor:
+    def tower_to_llm_order(vision, grids: torch.Tensor, device) -> torch.Tensor:
+        """Indices that put the tower's merged tokens (its window order) in the LLM's order."""
+        window_index, _ = get_vision_window_index(
+            grids, vision.spatial_merge_size, vision.window_size, vision.patch_size
+        )
+        return torch.argsort(window_index.to(device))
+
+    @classmethod
+    def token_rows(cls, model: nn.Module, kind: str, encoded: dict, with_keys: bool, device) -> torch.Tensor:
         """[n, 4 (+ key width)] rows of view, row, col, score (, key) for the LLM's tokens of `kind`, in order."""
         vision = model.config.vision_config
         grids = encoded["grid_thw"]
         merge = vision.spatial_merge_size
-        window_index, _ = get_vision_window_index(grids, merge, vision.window_size, vision.patch_size)
-        order = torch.argsort(window_index.to(device))  # the tower's window order -> the LLM's
+        order = cls.tower_to_llm_order(vision, grids, device)
 
         def per_token(values: torch.Tensor) -> torch.Tensor:  # [seq, ...] patches -> [tokens, ...] in LLM order
             return values.reshape(-1, merge * merge, *values.shape[1:]).mean(1)[order]
