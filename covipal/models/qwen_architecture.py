@@ -48,8 +48,9 @@ class QwenArchitectureSpec:
     seed: int = 0
 
 
-def qwen_model_config(spec: QwenArchitectureSpec, tokenizer) -> Qwen2_5_VLConfig:
-    vision = dict(
+def _vision_fields(spec: QwenArchitectureSpec) -> dict:
+    """The ViT config fields both generations share."""
+    return dict(
         depth=spec.vision_depth,
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -58,11 +59,13 @@ def qwen_model_config(spec: QwenArchitectureSpec, tokenizer) -> Qwen2_5_VLConfig
         spatial_merge_size=spec.merge_size,
         temporal_patch_size=spec.temporal_patch_size,
         out_hidden_size=spec.text_hidden,
-        window_size=spec.window_size,
-        fullatt_block_indexes=list(spec.fullatt_blocks),
         initializer_range=spec.initializer_range,
     )
-    text = dict(
+
+
+def _text_fields(spec: QwenArchitectureSpec, tokenizer) -> dict:
+    """The LLM config fields both generations share (the vocabulary and special tokens from `tokenizer`)."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
@@ -70,16 +73,17 @@ def qwen_model_config(spec: QwenArchitectureSpec, tokenizer) -> Qwen2_5_VLConfig
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads,
         max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)},
         initializer_range=spec.initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    return Qwen2_5_VLConfig(
-        vision_config=vision,
-        text_config=text,
+
+
+def _model_fields(spec: QwenArchitectureSpec, tokenizer) -> dict:
+    """The top-level config fields both generations share: the placeholders' and markers' ids."""
+    return dict(
         image_token_id=tokenizer.convert_tokens_to_ids(QWEN_IMAGE_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(QWEN_VIDEO_TOKEN),
         vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
@@ -88,10 +92,29 @@ def qwen_model_config(spec: QwenArchitectureSpec, tokenizer) -> Qwen2_5_VLConfig
     )
 
 
-def qwen_local_processor(spec: QwenArchitectureSpec) -> Qwen2_5_VLProcessor:
+def _rope(spec: QwenArchitectureSpec) -> dict:
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)}
+
+
+def _processor_parts(spec: QwenArchitectureSpec):
+    """(tokenizer, image processor, the patch sizes video processors take) of both generations."""
     tokenizer = build_word_tokenizer(spec.words, placeholders="qwen")
     common = dict(patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size)
-    image_processor = Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, **common)
+    return tokenizer, Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, **common), common
+
+
+def qwen_model_config(spec: QwenArchitectureSpec, tokenizer) -> Qwen2_5_VLConfig:
+    vision = {
+        **_vision_fields(spec),
+        "window_size": spec.window_size,
+        "fullatt_block_indexes": list(spec.fullatt_blocks),
+    }
+    text = {**_text_fields(spec, tokenizer), "rope_parameters": _rope(spec)}
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_model_fields(spec, tokenizer))
+
+
+def qwen_local_processor(spec: QwenArchitectureSpec) -> Qwen2_5_VLProcessor:
+    tokenizer, image_processor, common = _processor_parts(spec)
     video_processor = Qwen2VLVideoProcessor(
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.video_max_pixels},
         do_sample_frames=False,
@@ -125,52 +148,23 @@ class Qwen3ArchitectureSpec(QwenArchitectureSpec):
 
 
 def qwen3_model_config(spec: Qwen3ArchitectureSpec, tokenizer) -> Qwen3VLConfig:
-    vision = dict(
-        depth=spec.vision_depth,
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_heads=spec.vision_heads,
-        patch_size=spec.patch_size,
-        spatial_merge_size=spec.merge_size,
-        temporal_patch_size=spec.temporal_patch_size,
-        out_hidden_size=spec.text_hidden,
-        num_position_embeddings=spec.position_embeddings,
-        deepstack_visual_indexes=list(spec.deepstack_blocks),
-        initializer_range=spec.initializer_range,
-    )
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)}
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        head_dim=spec.text_hidden // spec.text_heads,
-        max_position_embeddings=8192,
-        rope_parameters={**rope, "mrope_interleaved": True},
-        initializer_range=spec.initializer_range,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen3VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(QWEN_IMAGE_TOKEN),
-        video_token_id=tokenizer.convert_tokens_to_ids(QWEN_VIDEO_TOKEN),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
-        tie_word_embeddings=True,
-        initializer_range=spec.initializer_range,
-    )
+    vision = {
+        **_vision_fields(spec),
+        "num_position_embeddings": spec.position_embeddings,
+        "deepstack_visual_indexes": list(spec.deepstack_blocks),
+    }
+    text = {
+        **_text_fields(spec, tokenizer),
+        "head_dim": spec.text_hidden // spec.text_heads,
+        "rope_parameters": {**_rope(spec), "mrope_interleaved": True},
+    }
+    return Qwen3VLConfig(vision_config=vision, text_config=text, **_model_fields(spec, tokenizer))
 
 
 def qwen3_processor_and_config(spec: Qwen3ArchitectureSpec):
     """The local Qwen3-VL processor for `spec` (videos: frame pairs, each announced by its timestamp) and the model
     config that matches its tokenizer."""
-    tokenizer = build_word_tokenizer(spec.words, placeholders="qwen")
-    common = dict(patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size)
-    image_processor = Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, **common)
+    tokenizer, image_processor, common = _processor_parts(spec)
     # Qwen3-VL budgets `longest_edge` over all of a video's frames; qwen-vl-utils' per-frame cap (in merged tokens)
     # holds each frame to `video_max_pixels`, as Qwen2.5-VL's per-frame bound does, for up to 768 frames.
     tokens_per_frame = spec.video_max_pixels // (spec.patch_size * spec.merge_size) ** 2

@@ -37,17 +37,6 @@ class Qwen3VL(Qwen25VL):
         return (*qwen3_processor_and_config(built), built)
 
     @staticmethod
-    def original_positions(multimodal, inputs: dict) -> torch.Tensor:
-        """The M-RoPE positions [3, B, T] the model gives an input (the bench's bare reference gathers them)."""
-        return multimodal.get_rope_index(
-            inputs["input_ids"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs.get("image_grid_thw"),
-            video_grid_thw=inputs.get("video_grid_thw"),
-            attention_mask=inputs.get("attention_mask"),
-        )[0]
-
-    @staticmethod
     def injected_layers(model: nn.Module) -> int:
         """How many of the first LLM layers get DeepStack inputs added to their output."""
         return len(model.config.vision_config.deepstack_visual_indexes)
