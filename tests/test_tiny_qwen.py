@@ -5,6 +5,7 @@ layout beside the tiny LLaVA-OneVision's; `model=tiny_qwen` built, cached and pr
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,6 +68,9 @@ def test_each_models_layout_is_read_off_the_model_and_its_processor(tiny_qwen):
     onevision = LlavaOnevisionForConditionalGeneration._from_config(config)
     assert layout_of(onevision, processor) == ONEVISION  # the constant the default samples are generated with
     assert layout_of(*tiny_qwen) == QWEN_LAYOUT
+    processor, config, _ = family_named("qwen3_vl").from_spec(config_spec("tiny_qwen3"))
+    qwen3 = family_named("qwen3_vl").model_class._from_config(config)
+    assert layout_of(qwen3, processor) == replace(QWEN_LAYOUT, name="qwen3_vl")  # timestamps between frame pairs
 
 
 def qwen_processed(processor, sample) -> dict:
