@@ -15,13 +15,13 @@ from transformers import AutoProcessor
 
 from covipal.cache import cached_directory
 from covipal.models.architecture import set_generation_tokens
-from covipal.models.families import family_named
+from covipal.models.families import family_named, llava_onevision
 from covipal.models.loading import LoadedModel, load_pretrained
 from covipal.models.tokenizer import TOKENIZER_VERSION
 from covipal.tiny_world.pretrain import PretrainRecipe, pretrain
 from covipal.tiny_world.synthetic import GENERATOR_VERSION
 
-DEFAULT_FAMILY = "llava_onevision"
+DEFAULT_FAMILY = llava_onevision.MODEL_TYPE  # model=tiny's family; its cache keys name no family
 
 
 def tiny_spec(spec: dict | None, family: str = DEFAULT_FAMILY):

@@ -351,7 +351,7 @@ class TokenLayout:
 
 # The tiny LLaVA-OneVision's anyres layout: the base tile (the image resized to 64×64: 8×8 tokens of 16 px), then
 # the 2×2 crops' full-resolution grid (16×16 tokens of 8 px) row by row, each row closed by a newline; a video is
-# 8 frames of 4×4 pooled tokens and one newline. Tests check it against the tiny model (tests/test_tiny_world.py).
+# 8 frames of 4×4 pooled tokens and one newline. Tests check it against the tiny model (tests/test_tiny_qwen.py).
 ONEVISION = TokenLayout(((0, 8, 8, 8), (64, 16, 16, 17)), 336, 1, 4, 4, 129, "llava_onevision")
 
 
