@@ -7,6 +7,7 @@ padded batch behaves like its samples alone; scores from the fused path equal ea
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 import numpy as np
@@ -488,10 +489,8 @@ def test_vic_pieces_equal_their_plain_definitions():
         n = int(torch.randint(2, 200, ()))
         features = torch.randn(n, 8).round() if trial % 2 else torch.randn(n, 8)  # with and without ties
         distance = torch.cdist(features[None], features[None])[0]
-        before = distance.clone()
         expected = max(float(torch.quantile(distance[~torch.eye(n, dtype=torch.bool)], 0.02)), 1e-6)
-        assert cutoff_distance(distance) == pytest.approx(expected, rel=1e-6, abs=1e-6)
-        assert torch.equal(distance, before)  # the diagonal is restored
+        assert cutoff_distance(features) == pytest.approx(expected, rel=1e-6, abs=1e-6)
         density = torch.randint(0, 4, (n,)).float() + torch.rand(n) * (trial % 3)  # ties in density too
         near = torch.rand(n, n) < 0.3
         _, parent, has_parent = nearest_denser(density, distance, near)
@@ -510,7 +509,43 @@ def test_vic_pieces_equal_their_plain_definitions():
     reference = torch.quantile(
         distance[~torch.eye(1500, dtype=torch.bool)][::4], 0.02
     )  # a quarter: quantile takes ≤ 16M
-    assert cutoff_distance(distance) == pytest.approx(float(reference), rel=0.02)
+    assert cutoff_distance(features) == pytest.approx(float(reference), rel=0.02)
+
+
+def plain_vic(features, places, views, centre_ratio, spatial):
+    """VIC as written in its docstring, on whole n × n matrices, labelling tokens one by one, densest first."""
+    n = len(features)
+    distance = torch.cdist(features[None], features[None])[0]
+    d_c = cutoff_distance(features)
+    similarity = torch.exp(-((distance / d_c) ** 2))
+    density = similarity.sum(1) - similarity.diagonal()
+    near = (torch.cdist(places[None], places[None])[0] <= spatial) & (views[:, None] == views[None, :])
+    delta, parent, has_parent = nearest_denser(density, distance, near)
+    centres = torch.argsort(density * delta, descending=True, stable=True)[: math.ceil(n * centre_ratio)]
+    labels = torch.full((n,), -1)
+    labels[torch.sort(centres).values] = torch.arange(len(centres))
+    for i in torch.argsort(density, descending=True, stable=True).tolist():
+        if labels[i] < 0:
+            labels[i] = labels[parent[i]] if has_parent[i] else labels[centres][distance[i, centres].argmin()]
+    return labels
+
+
+@pytest.mark.parametrize("chunk_pairs", [1 << 20, 500])
+def test_vic_equals_its_plain_definition(monkeypatch, chunk_pairs):
+    """The chunked densities and the per-view search for a denser token give VIC's labels: frames of a video
+    (views of unequal sizes) and one image (no views), in float64 so that no rounding tells the two apart;
+    with 500 pairs per chunk the densities are summed over many row chunks."""
+    monkeypatch.setattr("covipal.pruning.clustering.CHUNK_PAIRS", chunk_pairs)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(8):
+        views = torch.repeat_interleave(torch.arange(6), torch.randint(5, 40, (6,), generator=generator))
+        views = views if trial % 4 else torch.zeros_like(views)
+        n = len(views)
+        places = (torch.randint(0, 7, (n, 2), generator=generator).double() + 0.5) / 7
+        features = torch.randn(n, 12, generator=generator, dtype=torch.float64)
+        features += 2 * torch.randn(6, 12, generator=generator, dtype=torch.float64)[views]
+        got = visual_information_clusters(features, places, 0.15, spatial=0.4, views=views)
+        assert torch.equal(got, plain_vic(features, places, views, 0.15, 0.4)), trial
 
 
 def test_vitcop_stage2_selection_equals_the_cluster_by_cluster_rule():

@@ -48,31 +48,28 @@ def knn_density_peaks(features: torch.Tensor, clusters: int, k: int = 5) -> torc
 
 
 CUTOFF_PAIRS = 1 << 20  # above this many pairs the cutoff is taken from every stride-th token's distances
+CHUNK_PAIRS = 1 << 20  # VIC's densities are summed over row chunks of about this many pairs
 
 
-def cutoff_distance(distance: torch.Tensor, quantile: float = 0.02) -> float:
-    """The usual density-peak rule of thumb: a cutoff that makes about `quantile` of all pairs neighbours — the
-    `quantile` of the off-diagonal distances, interpolated linearly (as `torch.quantile`, here in double), from
-    the two order statistics around it, found by selection rather than by sorting all n² values. Past
-    `CUTOFF_PAIRS` pairs (n > 1024: real models' images and videos; never the tiny world's) the distances of every
-    stride-th token to all others stand for all pairs, so the search stays near a million values."""
-    n = distance.shape[0]
+def cutoff_distance(features: torch.Tensor, quantile: float = 0.02) -> float:
+    """The usual density-peak rule of thumb: a cutoff that makes about `quantile` of all pairs of `features` [n, d]
+    neighbours — the `quantile` of the off-diagonal distances, interpolated linearly (as `torch.quantile`, here in
+    double), from the two order statistics around it, found by a partial selection (top-k), not a sort of all n².
+    Past `CUTOFF_PAIRS` pairs (n > 1024: real models' images and videos; never the tiny world's) the distances of
+    every stride-th token to all others stand for all pairs, so the search stays near a million values."""
+    n = features.shape[0]
     stride = max(1, -(-n * (n - 1) // CUTOFF_PAIRS))
-    rows = torch.arange(0, n, stride, device=distance.device)
-    sample = distance[rows]  # a copy: [rows, n]
-    sample[torch.arange(len(rows), device=distance.device), rows] = float("-inf")  # each row's own distance
+    rows = torch.arange(0, n, stride, device=features.device)
+    sample = torch.cdist(features[rows][None], features[None])[0]  # [rows, n]
+    sample[torch.arange(len(rows), device=features.device), rows] = float("-inf")  # each row's own distance
     count = sample.numel() - len(rows)
     if count == 0:
         return 1.0
     rank = quantile * (count - 1)
     below = int(rank)
-    flat = sample.view(-1)
-    low = flat.kthvalue(len(rows) + below + 1).values  # the −inf entries are the smallest
-    if below + 1 >= count or int((flat <= low).sum()) >= len(rows) + below + 2:
-        high = low  # the next order statistic is the same value
-    else:
-        high = flat[flat > low].min()
-    low, high = float(low), float(high)
+    at = len(rows) + below  # where the lower order statistic is among all values, the −inf entries first
+    smallest = torch.topk(sample.view(-1), min(at + 2, sample.numel()), largest=False).values  # ascending
+    low, high = float(smallest[at]), float(smallest[min(at + 1, len(smallest) - 1)])
     return max(low + (rank - below) * (high - low), 1e-6)
 
 
@@ -91,31 +88,64 @@ def propagate_labels(labels: torch.Tensor, parent: torch.Tensor, has_parent: tor
     return torch.where(labelled, labels, fallback)[up]
 
 
+def view_members(views: torch.Tensor):
+    """([n, m] long, [n, m] bool): for each token, the tokens of its view (ascending, padded to the largest view
+    m with index 0) and which of the m entries are real."""
+    labels, slot, sizes = torch.unique(views, return_inverse=True, return_counts=True)
+    order = torch.sort(slot, stable=True).indices  # tokens grouped by view, ascending within each
+    starts = torch.cumsum(sizes, 0) - sizes
+    offset = torch.arange(int(sizes.max()), device=views.device)
+    valid = offset[None, :] < sizes[:, None]  # [views, m]
+    members = torch.where(valid, order[(starts[:, None] + offset[None, :]).clamp(max=len(views) - 1)], 0)
+    return members[slot], valid[slot]
+
+
 def visual_information_clusters(
     features: torch.Tensor,
     places: torch.Tensor,
     centre_ratio: float,
     cutoff: float | None = None,
     spatial: float = 0.6,
-    same_view: torch.Tensor | None = None,
+    views: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ViTCoP's VIC. ρ_i = Σ_{j≠i} exp(−(d_ij/d_c)²) on feature distances; δ_i = distance to the nearest denser
-    token within spatial distance `spatial` (on the normalised grid `places` [n, 2], and in the same view);
-    the ⌈n·ratio⌉ largest ρ·δ are centres; the others take the label of their nearest denser neighbour, densest
-    first (a token with none joins its nearest centre). Returns labels [n] in 0..centres-1."""
+    token within spatial distance `spatial` (on the normalised grid `places` [n, 2]) and of the same view (`views`
+    [n], any labels; None: one view); a token with none gets its largest distance to any token; the ⌈n·ratio⌉
+    largest ρ·δ are centres; the others take the label of their nearest denser neighbour, densest first (a token
+    with none joins its nearest centre). Returns labels [n] in 0..centres-1.
+
+    The n² work is the density only: it is summed over chunks of rows (no n² tensor is ever held), and the search
+    for the nearest denser token looks only among the token's own view ([n, largest view]; a video's frame)."""
     n = features.shape[0]
-    distance = torch.cdist(features.float()[None], features.float()[None])[0]
-    d_c = cutoff if cutoff is not None else cutoff_distance(distance)
-    similarity = distance / d_c  # exp(−(d/d_c)²), in place: n² floats are large at video lengths
-    similarity.square_().neg_().exp_()
-    density = similarity.sum(1) - similarity.diagonal()
-    del similarity
-    near = torch.cdist(places.float()[None], places.float()[None])[0] <= spatial
-    if same_view is not None:
-        near = near & same_view
-    delta, parent, has_parent = nearest_denser(density, distance, near)
+    features = features.to(torch.promote_types(features.dtype, torch.float32))
+    d_c = cutoff if cutoff is not None else cutoff_distance(features)
+    views = torch.zeros(n, dtype=torch.long, device=features.device) if views is None else views
+    members, valid = view_members(views)
+    density = features.new_empty(n)
+    farthest = features.new_empty(n)
+    peers = features.new_empty(members.shape)  # [n, m]: each token's distances to its view's tokens
+    step = max(1, CHUNK_PAIRS // n)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        distance = torch.cdist(features[rows][None], features[None])[0]
+        farthest[rows] = distance.max(1).values
+        peers[rows] = distance.gather(1, members[rows])
+        similarity = distance.div_(d_c).square_().neg_().exp_()  # exp(−(d/d_c)²), in place
+        own = torch.arange(rows.stop - start, device=features.device)
+        density[rows] = similarity.sum(1) - similarity[own, own + start]
+    index = torch.arange(n, device=features.device)
+    rivals = density[members]
+    denser = (rivals > density[:, None]) | ((rivals == density[:, None]) & (members < index[:, None]))
+    near = (places[members].float() - places.float()[:, None]).norm(dim=-1) <= spatial
+    nearest, pick = peers.masked_fill(~(denser & near & valid), float("inf")).min(dim=1)
+    has_parent = torch.isfinite(nearest)
+    parent = members.gather(1, pick[:, None]).squeeze(1)
+    delta = torch.where(has_parent, nearest, farthest)
     centres_count = max(1, min(n, -(-int(n * centre_ratio * 1e6) // 1_000_000)))  # ceil, robust to float noise
     centres = torch.sort(torch.argsort(density * delta, descending=True, stable=True)[:centres_count]).values
     labels = torch.full((n,), -1, dtype=torch.long, device=features.device)
     labels[centres] = torch.arange(centres_count, device=features.device)
-    return propagate_labels(labels, parent, has_parent, distance[:, centres].argmin(1))
+    roots = torch.nonzero(~has_parent).squeeze(1)  # chains end here: these join their nearest centre
+    fallback = torch.zeros(n, dtype=torch.long, device=features.device)
+    fallback[roots] = torch.cdist(features[roots][None], features[centres][None])[0].argmin(1)
+    return propagate_labels(labels, parent, has_parent, fallback)

@@ -181,7 +181,7 @@ class ViTCoPPruner:
                 self.solved_centres,
                 cutoff=self.cutoff,
                 spatial=self.spatial,
-                same_view=views[:, None] == views[None, :],
+                views=views,
             )
             self._labels[b, kept] = labels
         return keep
