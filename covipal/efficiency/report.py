@@ -18,7 +18,8 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
         "the same input and run. Prefill = the LLM part from precomputed vision features (the tower, the same for "
         "every method, is timed once: `tower s`); `x none` adds the tower to both sides. `ideal` = LLM FLOPs of "
         "none / (LLM + PPM FLOPs) of the method; `meas/ideal` = how much of its FLOP saving a method turns into "
-        "speed. Memory: peak above the pre-prefill level during prefill and decode.",
+        "speed; `overhead` = CoViPAL's prefill over its bare reference run back to back, the median of the rounds' "
+        "ratios (their range in brackets). Memory: peak above the pre-prefill level during prefill and decode.",
         "",
         "| input | method | r | prefill s (min–max) | speed-up | x none with tower | ideal | meas/ideal | "
         "decode tok/s | decode x | KV MB | mem MB | pruner s | overhead |",
@@ -45,12 +46,20 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
             f"{_fmt(decode.get('median'), 1)} | {_fmt(ratios.get('decode_speedup'), 2, '×')} | "
             f"{row['kv_bytes'] / 2**20:.1f} | {_fmt(None if peak is None else peak / 2**20, 0)} | "
             f"{row['pruner_s'] + row['tower_scoring_s']:.4f} | "
-            f"{_fmt(None if 'framework_overhead' not in row else 100 * row['framework_overhead'], 1, '%')} |"
+            f"{overhead(row)} |"
         )
     tower = {row["input"]: row["tower_s"] for row in rows if "tower_s" in row}
     lines += ["", "Vision tower per input (s): " + ", ".join(f"{k} {v:.3f}" for k, v in tower.items()), ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def overhead(row: dict) -> str:
+    """The framework's overhead over its bare reference: the median of the rounds' ratios, and their range."""
+    if "framework_overhead" not in row:
+        return "–"
+    low, high = row["framework_overhead_range"]
+    return f"{100 * row['framework_overhead']:+.1f}% ({100 * low:+.1f} to {100 * high:+.1f})"
 
 
 def write_plot(rows: list[dict], path: Path) -> Path | None:

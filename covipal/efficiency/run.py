@@ -45,6 +45,7 @@ def summary(values: list[float]) -> dict:
         "min": min(values),
         "max": max(values),
         "n": len(values),
+        "values": list(values),  # per repeat, in round order
     }
 
 
@@ -157,7 +158,10 @@ def input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring
         }
         if key in bare and bare[key]:
             row["bare_s"] = summary(bare[key])
-            row["framework_overhead"] = row["prefill_s"]["median"] / row["bare_s"]["median"] - 1.0
+            # paired by round (the two run back to back), so that the machine's drift between rounds cancels
+            paired = [mine / reference - 1.0 for mine, reference in zip(prefill, bare[key])]
+            row["framework_overhead"] = statistics.median(paired)
+            row["framework_overhead_range"] = [min(paired), max(paired)]
         rows.append(row)
     for (method, ratio), problem in problems.items():
         rows.append(
