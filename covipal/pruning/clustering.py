@@ -6,19 +6,24 @@ from __future__ import annotations
 import torch
 
 
-def nearest_denser(density: torch.Tensor, distance: torch.Tensor, allowed: torch.Tensor | None = None):
+def nearest_denser(
+    density: torch.Tensor,
+    distance: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+):
     """(δ, parent, has_parent): each token's distance to, and index of, the nearest token of higher density
-    (among `allowed` pairs); a token with none gets the largest distance it has to any token. Ties in density
-    break by index, so "denser" is a total order."""
-    n = density.shape[0]
-    index = torch.arange(n, device=density.device)
-    higher = (density[None, :] > density[:, None]) | (
-        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
-    )
+    (among `allowed` pairs); a token with none gets the largest distance in its row. `distance` [n, m] holds each
+    token's distances to its `candidates` [n, m] (token indices; None: every token, m = n). Ties in density break
+    by index, so "denser" is a total order."""
+    index = torch.arange(density.shape[0], device=density.device)
+    rival, rival_index = (density[None, :], index[None, :]) if candidates is None else (density[candidates], candidates)
+    higher = (rival > density[:, None]) | ((rival == density[:, None]) & (rival_index < index[:, None]))
     if allowed is not None:
         higher = higher & allowed
     masked = distance.masked_fill(~higher, float("inf"))
-    nearest, parent = masked.min(dim=1)
+    nearest, pick = masked.min(dim=1)
+    parent = pick if candidates is None else candidates.gather(1, pick[:, None]).squeeze(1)
     has_parent = torch.isfinite(nearest)
     delta = torch.where(has_parent, nearest, distance.max(dim=1).values)
     return delta, parent, has_parent
@@ -133,14 +138,9 @@ def visual_information_clusters(
         similarity = distance.div_(d_c).square_().neg_().exp_()  # exp(−(d/d_c)²), in place
         own = torch.arange(rows.stop - start, device=features.device)
         density[rows] = similarity.sum(1) - similarity[own, own + start]
-    index = torch.arange(n, device=features.device)
-    rivals = density[members]
-    denser = (rivals > density[:, None]) | ((rivals == density[:, None]) & (members < index[:, None]))
     near = (places[members].float() - places.float()[:, None]).norm(dim=-1) <= spatial
-    nearest, pick = peers.masked_fill(~(denser & near & valid), float("inf")).min(dim=1)
-    has_parent = torch.isfinite(nearest)
-    parent = members.gather(1, pick[:, None]).squeeze(1)
-    delta = torch.where(has_parent, nearest, farthest)
+    delta, parent, has_parent = nearest_denser(density, peers, near & valid, members)
+    delta = torch.where(has_parent, delta, farthest)  # the farthest of all tokens, not only of the view
     centres_count = max(1, min(n, -(-int(n * centre_ratio * 1e6) // 1_000_000)))  # ceil, robust to float noise
     centres = torch.sort(torch.argsort(density * delta, descending=True, stable=True)[:centres_count]).values
     labels = torch.full((n,), -1, dtype=torch.long, device=features.device)
