@@ -4,7 +4,9 @@ ratios against `none` from the same run (no timing is asserted: this machine is 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -18,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covipal.efficiency.flops import llm_prefill_flops, transformer_layer_flops, vision_flops
 from covipal.efficiency.memory import PeakSampler
+from covipal.efficiency.run import median_interval
 from covipal.models.families import family_named
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +80,30 @@ def run_bench_cli(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
+def test_median_interval_is_the_sign_tests():
+    """The overhead's interval: the k-th smallest and largest of n ratios, k the largest whose sign-test coverage
+    is at least 95%; none below 6 rounds; and it holds the true median of a skewed distribution that often."""
+    assert median_interval([5.0, 1.0, 3.0, 2.0, 4.0]) is None  # 5 rounds: even min–max covers only 93.75%
+    assert median_interval([6.0, 1.0, 3.0, 2.0, 5.0, 4.0]) == [1.0, 6.0]  # 96.9%
+    assert median_interval([float(v) for v in range(15, 0, -1)]) == [4.0, 12.0]  # 96.5% (k = 5 would be 88.2%)
+    for n in (9, 20, 31):
+        low, high = median_interval([float(v) for v in range(1, n + 1)])
+        k = int(low)
+        assert high == n - k + 1
+
+        def coverage(j):
+            return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+
+        assert coverage(k) >= 0.95 > coverage(k + 1)
+    generator = random.Random(0)
+    trials = 2000
+    held = 0
+    for _ in range(trials):
+        low, high = median_interval([generator.expovariate(1.0) for _ in range(15)])
+        held += low <= math.log(2) <= high  # the exponential's median
+    assert 0.95 <= held / trials <= 0.985  # 96.5% expected; ±0.8 points of sampling noise
+
+
 @pytest.mark.slow
 def test_tiny_bench_writes_every_figure(tmp_path):
     run_dir = tmp_path / "bench"
@@ -119,6 +146,7 @@ def test_tiny_bench_writes_every_figure(tmp_path):
     paired = [a / b - 1 for a, b in zip(covipal["prefill_s"]["values"], covipal["bare_s"]["values"])]
     assert len(paired) == covipal["prefill_s"]["n"] and covipal["framework_overhead"] == statistics.median(paired)
     assert covipal["framework_overhead_range"] == [min(paired), max(paired)]
+    assert covipal["framework_overhead_interval"] is None  # two rounds are too few for a 95% interval
     text = (run_dir / "bench.md").read_text()
     assert text.count("| covipal | 0.25 |") == 2 and "infeasible" in text
     assert (run_dir / "bench.png").stat().st_size > 1000

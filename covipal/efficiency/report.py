@@ -19,7 +19,7 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
         "every method, is timed once: `tower s`); `x none` adds the tower to both sides. `ideal` = LLM FLOPs of "
         "none / (LLM + PPM FLOPs) of the method; `meas/ideal` = how much of its FLOP saving a method turns into "
         "speed; `overhead` = CoViPAL's prefill over its bare reference run back to back, the median of the rounds' "
-        "ratios (their range in brackets). Memory: peak above the pre-prefill level during prefill and decode.",
+        "ratios, with its 95% interval (sign test, from 6 rounds on) and the ratios' range. Memory: peak above the pre-prefill level during prefill and decode.",
         "",
         "| input | method | r | prefill s (min–max) | speed-up | x none with tower | ideal | meas/ideal | "
         "decode tok/s | decode x | KV MB | mem MB | pruner s | overhead |",
@@ -55,11 +55,16 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
 
 
 def overhead(row: dict) -> str:
-    """The framework's overhead over its bare reference: the median of the rounds' ratios, and their range."""
+    """The framework's overhead over its bare reference: the median of the rounds' ratios, its 95% interval where
+    there are rounds enough for one, and the ratios' range."""
     if "framework_overhead" not in row:
         return "–"
     low, high = row["framework_overhead_range"]
-    return f"{100 * row['framework_overhead']:+.1f}% ({100 * low:+.1f} to {100 * high:+.1f})"
+    spread = f"range {100 * low:+.1f} to {100 * high:+.1f}"
+    interval = row.get("framework_overhead_interval")
+    if interval is not None:
+        spread = f"95% CI {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}; {spread}"
+    return f"{100 * row['framework_overhead']:+.1f}% ({spread})"
 
 
 def write_plot(rows: list[dict], path: Path) -> Path | None:

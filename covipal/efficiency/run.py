@@ -4,6 +4,7 @@ machine noise hits all alike), then memory (one fresh process per method on CPU)
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def summary(values: list[float]) -> dict:
         "n": len(values),
         "values": list(values),  # per repeat, in round order
     }
+
+
+def median_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """A distribution-free interval of the median (the sign test's): the k-th smallest and the k-th largest value,
+    with k the largest for which the interval holds the true median with probability ≥ `level` whatever the
+    values' distribution. None when there are too few values for any k (fewer than 6 at 95%)."""
+    n = len(values)
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k), the chance that fewer than k values fall below the median
+    while k < n // 2 and 1 - 2 * (below + math.comb(n, k) / 2**n) >= level:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    ordered = sorted(values)
+    return [ordered[k - 1], ordered[n - k]] if k else None
 
 
 def run_bench(cfg: DictConfig, overrides: list[str], on_input=None) -> tuple[list[dict], object]:
@@ -162,6 +176,7 @@ def input_rows(cfg, loaded, spec, name, encoded, pruners, samples, bare, scoring
             paired = [mine / reference - 1.0 for mine, reference in zip(prefill, bare[key])]
             row["framework_overhead"] = statistics.median(paired)
             row["framework_overhead_range"] = [min(paired), max(paired)]
+            row["framework_overhead_interval"] = median_interval(paired)  # 95%; None below 6 rounds
         rows.append(row)
     for (method, ratio), problem in problems.items():
         rows.append(
