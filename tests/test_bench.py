@@ -90,11 +90,8 @@ def test_median_interval_is_the_sign_tests():
         low, high = median_interval([float(v) for v in range(1, n + 1)])
         k = int(low)
         assert high == n - k + 1
-
-        def coverage(j):
-            return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
-
-        assert coverage(k) >= 0.95 > coverage(k + 1)
+        coverage = [1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n for j in (k, k + 1)]
+        assert coverage[0] >= 0.95 > coverage[1]
     generator = random.Random(0)
     trials = 2000
     held = 0

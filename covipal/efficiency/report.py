@@ -19,7 +19,8 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> Path:
         "every method, is timed once: `tower s`); `x none` adds the tower to both sides. `ideal` = LLM FLOPs of "
         "none / (LLM + PPM FLOPs) of the method; `meas/ideal` = how much of its FLOP saving a method turns into "
         "speed; `overhead` = CoViPAL's prefill over its bare reference run back to back, the median of the rounds' "
-        "ratios, with its 95% interval (sign test, from 6 rounds on) and the ratios' range. Memory: peak above the pre-prefill level during prefill and decode.",
+        "ratios, with its 95% interval (sign test, from 6 rounds on) and the ratios' range. Memory: peak above the "
+        "pre-prefill level during prefill and decode.",
         "",
         "| input | method | r | prefill s (min–max) | speed-up | x none with tower | ideal | meas/ideal | "
         "decode tok/s | decode x | KV MB | mem MB | pruner s | overhead |",
