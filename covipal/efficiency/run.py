@@ -56,9 +56,11 @@ def median_interval(values: list[float], level: float = 0.95) -> list[float] | N
     values' distribution. None when there are too few values for any k (fewer than 6 at 95%)."""
     n = len(values)
     k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k), the chance that fewer than k values fall below the median
-    while k < n // 2 and 1 - 2 * (below + math.comb(n, k) / 2**n) >= level:
-        below += math.comb(n, k) / 2**n
-        k += 1
+    while k < n // 2:
+        wider = below + math.comb(n, k) / 2**n  # the same for k + 1
+        if 1 - 2 * wider < level:
+            break
+        k, below = k + 1, wider
     ordered = sorted(values)
     return [ordered[k - 1], ordered[n - k]] if k else None
 
